@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up the environment (idempotent) and run the test suite. Extra arguments go to pytest.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$repo/launch/setup.sh"
+cd "$repo"
+exec "${LIQE_VENV:-$repo/.venv}/bin/python" -m pytest -q "$@"

@@ -1,0 +1,132 @@
+"""From an image to the 224 x 224 crops LIQE looks at.
+
+The rules of the reference code, made explicit:
+
+* Never resize for quality, except that an image whose sides both exceed 768 px is scaled
+  (bilinear) so its short side is 768 (the reference's ``AdaptiveResize(768)``).
+* Crops sit on a grid with stride 32 px, or 48 px when a side is >= 1024 px after that resize,
+  enumerated row by row (``unfold`` order).
+* Training takes 3 grid positions uniformly at random (with replacement), after a random
+  horizontal flip of the whole image. Evaluation takes 15 positions evenly spaced along that
+  enumeration: index ``i * (n // 15)``.
+* Small images (a rule the reference lacks; it crashes): an image with a side under 224 px is
+  upscaled (bicubic) so its short side is 224, and the result says so (``upsampled=True``); with
+  ``small_images="refuse"`` it raises :class:`ImageTooSmallError` instead. When the grid has fewer
+  positions than crops asked for, evaluation spreads the crops over all positions
+  (``floor(i * n / U)``), so each position is used about equally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CROP = 224
+RESIZE_SHORT_SIDE = 768
+
+
+class ImageTooSmallError(ValueError):
+    """An image has a side under the crop size and the policy is to refuse it."""
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    """How crops are taken (defaults: the reference recipe)."""
+
+    size: int = CROP
+    train_crops: int = 3
+    eval_crops: int = 15
+    resize_short_side: int = RESIZE_SHORT_SIDE
+    stride: int = 32
+    large_stride: int = 48
+    large_side: int = 1024
+    flip: bool = True
+    small_images: Literal["upsample", "refuse"] = "upsample"
+
+    def __post_init__(self) -> None:
+        for name in ("size", "train_crops", "eval_crops", "stride", "large_stride"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"crops.{name} must be >= 1, got {getattr(self, name)}")
+        if self.small_images not in ("upsample", "refuse"):
+            raise ValueError(f"crops.small_images must be 'upsample' or 'refuse', got {self.small_images!r}")
+
+
+@dataclass
+class Crops:
+    """Crops of one image: ``pixels`` is ``[U, 3, size, size]`` float32, CLIP-normalised."""
+
+    pixels: torch.Tensor
+    size: tuple[int, int]  # (width, height) after the resize rules, px
+    upsampled: bool
+
+
+def fit_size(img: Image.Image, cfg: CropConfig = CropConfig(), source: str = "image") -> tuple[Image.Image, bool]:
+    """Apply the resize rules; returns the image and whether it was upsampled."""
+    w, h = img.size
+    if min(w, h) < cfg.size:
+        if cfg.small_images == "refuse":
+            raise ImageTooSmallError(f"{source}: {w}x{h} has a side under {cfg.size} px "
+                                     "(crops.small_images is 'refuse')")
+        scale = cfg.size / min(w, h)
+        new = (max(cfg.size, round(w * scale)), max(cfg.size, round(h * scale)))
+        return img.resize(new, Image.BICUBIC), True
+    if w > cfg.resize_short_side and h > cfg.resize_short_side:
+        return TF.resize(img, cfg.resize_short_side, interpolation=TF.InterpolationMode.BILINEAR), False
+    return img, False
+
+
+def to_normalised_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ``[3, H, W]`` float32 with CLIP mean/std normalisation."""
+    return TF.normalize(TF.to_tensor(img), CLIP_MEAN, CLIP_STD)
+
+
+def grid_positions(height: int, width: int, cfg: CropConfig = CropConfig()) -> list[tuple[int, int]]:
+    """(top, left) of every crop on the grid, row by row, like ``unfold`` enumerates them."""
+    stride = cfg.large_stride if max(height, width) >= cfg.large_side else cfg.stride
+    tops = range(0, height - cfg.size + 1, stride)
+    lefts = range(0, width - cfg.size + 1, stride)
+    return [(t, l) for t in tops for l in lefts]
+
+
+def eval_indices(n: int, count: int) -> list[int]:
+    """Evenly spaced picks from ``n`` grid positions (the reference's ``i * (n // count)``)."""
+    if n >= count:
+        step = n // count
+        return [i * step for i in range(count)]
+    return [(i * n) // count for i in range(count)]
+
+
+def train_indices(n: int, count: int, generator: torch.Generator | None = None) -> list[int]:
+    """Uniform random picks with replacement, as the reference's ``torch.randint``."""
+    return torch.randint(0, n, (count,), generator=generator).tolist()
+
+
+def _cut(tensor: torch.Tensor, positions: list[tuple[int, int]], size: int) -> torch.Tensor:
+    return torch.stack([tensor[:, t:t + size, l:l + size] for t, l in positions])
+
+
+def eval_crops(img: Image.Image, cfg: CropConfig = CropConfig(), source: str = "image") -> Crops:
+    """The ``cfg.eval_crops`` evaluation crops of an image."""
+    img, upsampled = fit_size(img, cfg, source)
+    tensor = to_normalised_tensor(img)
+    grid = grid_positions(tensor.shape[1], tensor.shape[2], cfg)
+    picks = [grid[i] for i in eval_indices(len(grid), cfg.eval_crops)]
+    return Crops(_cut(tensor, picks, cfg.size), img.size, upsampled)
+
+
+def train_crops(img: Image.Image, cfg: CropConfig = CropConfig(), generator: torch.Generator | None = None,
+                source: str = "image") -> Crops:
+    """``cfg.train_crops`` random crops, after a random horizontal flip when ``cfg.flip``."""
+    img, upsampled = fit_size(img, cfg, source)
+    if cfg.flip and torch.rand((), generator=generator).item() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    tensor = to_normalised_tensor(img)
+    grid = grid_positions(tensor.shape[1], tensor.shape[2], cfg)
+    picks = [grid[i] for i in train_indices(len(grid), cfg.train_crops, generator)]
+    return Crops(_cut(tensor, picks, cfg.size), img.size, upsampled)

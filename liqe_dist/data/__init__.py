@@ -1,0 +1,1 @@
+"""Data: dataset adapters, synthetic data, packing, splits and streaming."""

@@ -1,0 +1,122 @@
+"""A synthetic IQA dataset built offline: a pipeline check, not human opinion.
+
+References are real colour photographs that ship with scikit-image, each given its scene
+label(s) by hand below. Every coarse distortion class of LIQE is synthesised at 5 levels
+(the pristine reference stands for "other"). The pseudo-MOS is a full-reference measure:
+
+    pseudo_mos = 100 * SSIM(reference, distorted)   (SSIM per RGB channel, averaged; 8-bit range)
+
+which falls as the level rises within each type (checked by the tests), so the quality order
+within a reference and a type is known. It says nothing about how people would rate them.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+from skimage import data as skdata
+from skimage.metrics import structural_similarity
+
+LEVELS = 5
+
+
+@dataclass(frozen=True)
+class Reference:
+    name: str
+    scenes: tuple[str, ...]
+    load: Callable[[], np.ndarray]
+
+
+def _gray_to_rgb(fn: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+    return lambda: np.stack([fn()] * 3, axis=-1)
+
+
+REFERENCES: tuple[Reference, ...] = (
+    Reference("astronaut", ("human",), skdata.astronaut),
+    Reference("chelsea", ("animal", "indoor"), skdata.chelsea),
+    Reference("coffee", ("still_life", "indoor"), skdata.coffee),
+    Reference("rocket", ("cityscape", "landscape"), skdata.rocket),
+    Reference("motorcycle_left", ("still_life", "indoor"), lambda: skdata.stereo_motorcycle()[0]),
+    Reference("motorcycle_right", ("still_life", "indoor"), lambda: skdata.stereo_motorcycle()[1]),
+    Reference("hubble", ("night", "others"), skdata.hubble_deep_field),
+    Reference("retina", ("others",), skdata.retina),
+    Reference("camera", ("human", "cityscape"), _gray_to_rgb(skdata.camera)),
+    Reference("grass", ("plant",), _gray_to_rgb(skdata.grass)),
+    Reference("immunohistochemistry", ("others",), skdata.immunohistochemistry),
+    Reference("coins", ("still_life",), _gray_to_rgb(skdata.coins)),
+)
+
+
+def _encode(img: Image.Image, fmt: str, **kwargs) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    buf.seek(0)
+    out = Image.open(buf)
+    out.load()
+    return out.convert("RGB")
+
+
+def _noise(img: Image.Image, level: int, rng: np.random.Generator) -> Image.Image:
+    sigma = (0.02, 0.05, 0.09, 0.15, 0.25)[level - 1] * 255
+    arr = np.asarray(img, dtype=np.float32) + rng.normal(0, sigma, (img.height, img.width, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def _spatial(img: Image.Image, level: int, rng: np.random.Generator) -> Image.Image:
+    # KADID-style colour blocks: random 32 px squares of a random solid colour
+    arr = np.asarray(img).copy()
+    count = (4, 10, 20, 35, 60)[level - 1]
+    size = 32
+    for _ in range(count):
+        t = rng.integers(0, max(1, img.height - size))
+        l = rng.integers(0, max(1, img.width - size))
+        arr[t:t + size, l:l + size] = rng.integers(0, 256, 3)
+    return Image.fromarray(arr)
+
+
+def _quantize(img: Image.Image, level: int, rng: np.random.Generator) -> Image.Image:
+    colours = (48, 24, 12, 6, 3)[level - 1]
+    return img.quantize(colours, dither=Image.Dither.NONE).convert("RGB")
+
+
+DISTORTIONS: dict[str, Callable[[Image.Image, int, np.random.Generator], Image.Image]] = {
+    "jpeg2000 compression": lambda img, lv, rng: _encode(
+        img, "JPEG2000", quality_mode="rates", quality_layers=[(40, 80, 160, 320, 640)[lv - 1]]),
+    "jpeg compression": lambda img, lv, rng: _encode(img, "JPEG", quality=(40, 20, 10, 5, 2)[lv - 1]),
+    "noise": _noise,
+    "blur": lambda img, lv, rng: img.filter(ImageFilter.GaussianBlur((0.8, 1.6, 2.8, 4.5, 7.0)[lv - 1])),
+    "color": lambda img, lv, rng: ImageEnhance.Color(img).enhance((0.75, 0.5, 0.3, 0.12, 0.0)[lv - 1]),
+    "contrast": lambda img, lv, rng: ImageEnhance.Contrast(img).enhance((0.8, 0.6, 0.45, 0.3, 0.18)[lv - 1]),
+    "overexposure": lambda img, lv, rng: ImageEnhance.Brightness(img).enhance((1.25, 1.5, 1.8, 2.2, 2.8)[lv - 1]),
+    "underexposure": lambda img, lv, rng: ImageEnhance.Brightness(img).enhance((0.8, 0.6, 0.42, 0.28, 0.16)[lv - 1]),
+    "spatial": _spatial,
+    "quantization": _quantize,
+}
+
+
+def distort(img: Image.Image, distortion: str, level: int, seed: int = 0) -> Image.Image:
+    """``img`` with a coarse ``distortion`` at ``level`` 1 (mild) .. 5 (severe); deterministic."""
+    if distortion not in DISTORTIONS:
+        raise KeyError(f"no synthesiser for {distortion!r}; have {', '.join(DISTORTIONS)}")
+    if not 1 <= level <= LEVELS:
+        raise ValueError(f"level must be 1..{LEVELS}, got {level}")
+    return DISTORTIONS[distortion](img.convert("RGB"), level, np.random.default_rng(seed))
+
+
+def pseudo_mos(reference: Image.Image, distorted: Image.Image) -> float:
+    """100 x SSIM (per RGB channel, averaged) of ``distorted`` against ``reference``."""
+    a = np.asarray(reference.convert("RGB"))
+    b = np.asarray(distorted.convert("RGB"))
+    return 100.0 * float(structural_similarity(a, b, channel_axis=2, data_range=255))
+
+
+def reference_image(ref: Reference, max_side: int = 1024) -> Image.Image:
+    """A reference as RGB, shrunk so its long side is at most ``max_side`` px."""
+    img = Image.fromarray(ref.load()).convert("RGB")
+    if max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.LANCZOS)
+    return img

@@ -1,0 +1,190 @@
+"""LIQE: CLIP image/text embeddings -> joint softmax over (quality, scene, distortion).
+
+Shapes: B images, U crops per image, V prompts (495 by default), K embedding width.
+
+    crops [B, U, 3, 224, 224] --image encoder--> F [B, U, K] (unit norm)
+    prompts [V, L] tokens    --text encoder-->  G [V, K]    (unit norm)
+    logit(c,s,d|x) = exp(logit_scale) * mean_u F_u . G_v          [B, V]   (eq. 2, scaled by 1/tau_1)
+    p(c,s,d|x) = softmax over V                                   [B, C, S, D] (eq. 3)
+    marginals by summing the joint; q_hat = sum_c p(c|x) * c in [1, C] (eq. 1)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .text_encoder import cut_tokens, encode_tokens
+from .vocabulary import Vocabulary
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which CLIP to build and how LIQE uses it.
+
+    ``name``: an open_clip model name (``ViT-B-32``) or a project config (``liqe-tiny``).
+    ``pretrained``: an open_clip tag (``openai``, needs a download on the user's machine) or None.
+    ``checkpoint``: a local weights file (project safetensors, the released LIQE ``.pt``, or
+    pyiqa's ``liqe_mix.pt``), loaded after building.
+    """
+
+    name: str = "ViT-B-32"
+    pretrained: str | None = None
+    checkpoint: str | None = None
+    quick_gelu: bool | None = None  # None: True for OpenAI-format weights, else the config's own
+    precision: Literal["fp32", "bf16"] = "fp32"
+    freeze_logit_scale: bool = True
+    text_context: Literal["cut", "full"] = "cut"
+    quality_levels: int = 5
+    tasks: tuple[str, ...] = ("quality", "scene", "distortion")
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"model.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        unknown = set(self.tasks) - {"quality", "scene", "distortion"}
+        if unknown or not self.tasks:
+            raise ValueError(f"model.tasks must be a non-empty subset of quality/scene/distortion, got {self.tasks}")
+        if self.quality_levels not in (2, 5):
+            raise ValueError(f"model.quality_levels must be 5 or 2, got {self.quality_levels}")
+
+    def vocabulary(self) -> Vocabulary:
+        return Vocabulary.for_tasks("quality" in self.tasks, "scene" in self.tasks,
+                                    "distortion" in self.tasks, levels=self.quality_levels)
+
+
+@dataclass
+class LIQEOutput:
+    """Predictions for B images. Probabilities are float32 whatever the model's precision."""
+
+    logits: torch.Tensor      # [B, V] scaled cosine similarities
+    joint: torch.Tensor       # [B, C, S, D] joint probability (eq. 3)
+    quality: torch.Tensor     # [B, C]  p(c|x)
+    scene: torch.Tensor       # [B, S]  p(s|x)
+    distortion: torch.Tensor  # [B, D]  p(d|x)
+    score: torch.Tensor       # [B]     q_hat(x) = sum_c p(c|x) c, in [1, C] (eq. 1)
+
+
+def predictions_from_logits(logits: torch.Tensor, vocabulary: Vocabulary) -> LIQEOutput:
+    """Joint softmax, marginals and q_hat from scaled logits ``[B, V]``."""
+    logits = logits.float()
+    joint = logits.softmax(dim=-1).view(-1, *vocabulary.shape)
+    quality = joint.sum(dim=(2, 3))
+    values = torch.arange(1, quality.shape[1] + 1, dtype=quality.dtype, device=quality.device)
+    return LIQEOutput(
+        logits=logits, joint=joint, quality=quality, scene=joint.sum(dim=(1, 3)),
+        distortion=joint.sum(dim=(1, 2)), score=quality @ values,
+    )
+
+
+class LIQE(nn.Module):
+    """LIQE around an open_clip CLIP model (``self.clip``)."""
+
+    def __init__(self, clip: nn.Module, vocabulary: Vocabulary | None = None,
+                 text_context: Literal["cut", "full"] = "cut", freeze_logit_scale: bool = True,
+                 tokenizer=None):
+        super().__init__()
+        self.clip = clip
+        self.vocabulary = vocabulary or Vocabulary()
+        tokenizer = tokenizer or open_clip.tokenize
+        tokens = tokenizer(self.vocabulary.prompts())
+        if text_context == "cut":
+            tokens = cut_tokens(tokens)
+        self.register_buffer("prompt_tokens", tokens, persistent=False)
+        self.clip.logit_scale.requires_grad_(not freeze_logit_scale)
+        self._text_cache: torch.Tensor | None = None
+
+    # -- encoders ---------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.clip.logit_scale.dtype
+
+    def encode_images(self, crops: torch.Tensor) -> torch.Tensor:
+        """Crops ``[B, U, 3, H, W]`` -> unit-norm embeddings ``[B, U, K]``."""
+        b, u = crops.shape[:2]
+        feats = self.clip.encode_image(crops.flatten(0, 1).to(self.dtype))
+        return F.normalize(feats, dim=-1).view(b, u, -1)
+
+    def encode_prompts(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Unit-norm embeddings ``[stop - start, K]`` of prompts ``start:stop`` (all by default).
+
+        A slice lets each data-parallel rank encode only its share of the prompts.
+        """
+        tokens = self.prompt_tokens[start:stop]
+        return F.normalize(encode_tokens(self.clip, tokens), dim=-1)
+
+    def text_embeddings(self) -> torch.Tensor:
+        """All prompt embeddings ``[V, K]``; computed once and cached when not training."""
+        if self.training or torch.is_grad_enabled():
+            return self.encode_prompts()
+        if self._text_cache is None or self._text_cache.dtype != self.dtype:
+            self._text_cache = self.encode_prompts()
+        return self._text_cache
+
+    def clear_text_cache(self) -> None:
+        self._text_cache = None
+
+    def train(self, mode: bool = True) -> "LIQE":
+        self._text_cache = None  # weights may change while training
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self._text_cache = None  # device or dtype change
+        return super()._apply(fn, recurse)
+
+    # -- scoring ----------------------------------------------------------------------------
+    def joint_logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """``[B, U, K]`` x ``[V, K]`` -> scaled logits ``[B, V]``, averaged over crops (eq. 2)."""
+        cos = (image_emb @ text_emb.t().to(image_emb.dtype)).float().mean(dim=1)
+        return self.clip.logit_scale.float().exp() * cos
+
+    def forward(self, crops: torch.Tensor, text_emb: torch.Tensor | None = None) -> LIQEOutput:
+        """Crops ``[B, U, 3, 224, 224]`` -> :class:`LIQEOutput`. ``text_emb`` overrides the prompts'
+        embeddings (e.g. all-gathered across ranks)."""
+        if text_emb is None:
+            text_emb = self.text_embeddings()
+        return predictions_from_logits(self.joint_logits(self.encode_images(crops), text_emb),
+                                       self.vocabulary)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._text_cache = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def build_clip(name: str, pretrained: str | None = None, quick_gelu: bool | None = None) -> nn.Module:
+    """An open_clip model by name, weights from ``pretrained`` (a tag or file) or random."""
+    kwargs = {"force_quick_gelu": True} if quick_gelu else {}
+    if name not in open_clip.list_models():
+        known = ", ".join(m for m in open_clip.list_models() if m.startswith(("ViT-B", "ViT-L", "liqe")))
+        raise ValueError(f"unknown model name {name!r} (e.g. {known})")
+    try:
+        return open_clip.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as exc:
+        raise RuntimeError(f"cannot build {name!r} with pretrained={pretrained!r}: {exc}") from exc
+
+
+def build_model(cfg: ModelConfig) -> LIQE:
+    """Build LIQE from a :class:`ModelConfig`, loading ``cfg.checkpoint`` if given."""
+    from .checkpoint import load_weights  # avoid a cycle: checkpoint builds models too
+
+    if cfg.checkpoint:
+        model = load_weights(cfg.checkpoint, model_name=cfg.name, vocabulary=cfg.vocabulary(),
+                             text_context=cfg.text_context, quick_gelu=cfg.quick_gelu)
+    else:
+        clip = build_clip(cfg.name, cfg.pretrained, cfg.quick_gelu)
+        model = LIQE(clip, cfg.vocabulary(), text_context=cfg.text_context)
+    model.clip.logit_scale.requires_grad_(not cfg.freeze_logit_scale)
+    return model.to(PRECISIONS[cfg.precision])

@@ -1,0 +1,166 @@
+"""Scoring images: quality in [1, C] plus the most likely scene and distortion.
+
+Crops of several images are batched into one forward pass; decoding and cropping run in
+DataLoader workers. A file that cannot be decoded is reported (path and reason) and skipped;
+the rest are scored.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Iterable, Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .crops import CropConfig, ImageTooSmallError, eval_crops
+from .images import ImageDecodeError, decode_image, is_image_path
+from .model import LIQE
+
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+
+
+@dataclass
+class ImageScore:
+    """The prediction for one image."""
+
+    source: str
+    quality: float          # q_hat in [1, C]
+    scene: str              # most likely scene ("" when the scene task is off)
+    scene_prob: float
+    distortion: str         # most likely coarse distortion ("" when that task is off)
+    distortion_prob: float
+    width: int              # px, after the resize rules
+    height: int
+    upsampled: bool         # True when the image had a side under 224 px and was upscaled
+
+
+@dataclass
+class ScoreFailure:
+    """An input that could not be scored, and why."""
+
+    source: str
+    reason: str
+
+
+def expand_sources(paths: Iterable[str | Path]) -> tuple[list[str], list[ScoreFailure]]:
+    """Files as given, folders walked recursively for images, list files (.txt/.lst: one path
+    per line, relative to the list's folder) read. Missing entries become failures."""
+    sources: list[str] = []
+    failures: list[ScoreFailure] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and is_image_path(p))
+            if not found:
+                failures.append(ScoreFailure(str(path), "folder holds no image files"))
+            sources.extend(found)
+        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            for line in path.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    entry = Path(line)
+                    sources.append(str(entry if entry.is_absolute() else path.parent / entry))
+        elif path.exists():
+            sources.append(str(path))
+        else:
+            failures.append(ScoreFailure(str(path), "no such file or folder"))
+    return sources, failures
+
+
+class _CropDataset(Dataset):
+    def __init__(self, items: list, crops: CropConfig):
+        self.items = items
+        self.crops = crops
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        source = item if isinstance(item, (str, Path)) else f"<image {i}>"
+        try:
+            img = item if isinstance(item, Image.Image) else decode_image(item)
+            c = eval_crops(img.convert("RGB"), self.crops, source=str(source))
+            return str(source), c, None
+        except (ImageDecodeError, ImageTooSmallError) as exc:
+            return str(source), None, getattr(exc, "reason", str(exc))
+
+
+def _collate(batch):
+    return batch
+
+
+class Scorer:
+    """Scores images with a LIQE model: ``Scorer(model).score(["a.jpg", pil_image])``."""
+
+    def __init__(self, model: LIQE, crops: CropConfig = CropConfig(), batch_images: int = 8,
+                 num_workers: int = 0, device: str | torch.device = "cpu"):
+        self.model = model.eval().to(device)
+        self.crops = crops
+        self.batch_images = batch_images
+        self.num_workers = num_workers
+        self.device = torch.device(device)
+
+    def score_iter(self, items: list, progress: bool = False) -> Iterator[ImageScore | ScoreFailure]:
+        """Yield a score or a failure for each item (a path or a PIL image), in input order."""
+        loader = DataLoader(_CropDataset(list(items), self.crops), batch_size=self.batch_images,
+                            num_workers=self.num_workers, collate_fn=_collate)
+        bar = tqdm(total=len(items), unit="img", desc="scoring", disable=not progress, file=sys.stderr)
+        vocab = self.model.vocabulary
+        with torch.inference_mode():
+            for batch in loader:
+                good = [(src, c) for src, c, err in batch if err is None]
+                results: dict[str, ImageScore] = {}
+                if good:
+                    pixels = torch.stack([c.pixels for _, c in good]).to(self.device)
+                    out = self.model(pixels)
+                    sp, si = out.scene.max(dim=1)
+                    dp, di = out.distortion.max(dim=1)
+                    for k, (src, c) in enumerate(good):
+                        results[src] = ImageScore(
+                            source=src, quality=float(out.score[k]),
+                            scene=vocab.scenes[si[k]] if vocab.scenes else "", scene_prob=float(sp[k]),
+                            distortion=vocab.distortions[di[k]] if vocab.distortions else "",
+                            distortion_prob=float(dp[k]), width=c.size[0], height=c.size[1],
+                            upsampled=c.upsampled)
+                for src, _, err in batch:
+                    yield ScoreFailure(src, err) if err is not None else results[src]
+                bar.update(len(batch))
+        bar.close()
+
+    def score(self, images) -> list[ImageScore]:
+        """Score one image or a list (paths or PIL images); raises on the first bad one."""
+        single = isinstance(images, (str, Path, Image.Image))
+        items = [images] if single else list(images)
+        out = []
+        for result in self.score_iter(items):
+            if isinstance(result, ScoreFailure):
+                raise ImageDecodeError(result.source, result.reason)
+            out.append(result)
+        return out
+
+
+def write_scores(results: Iterable[ImageScore], stream: IO[str], fmt: str = "csv") -> int:
+    """Write scores as CSV (with header) or JSON lines; returns how many were written."""
+    n = 0
+    writer = None
+    for r in results:
+        row = asdict(r)
+        for key in ("quality", "scene_prob", "distortion_prob"):
+            row[key] = round(row[key], 6)
+        if fmt == "jsonl":
+            stream.write(json.dumps(row) + "\n")
+        else:
+            if writer is None:
+                writer = csv.DictWriter(stream, fieldnames=list(row))
+                writer.writeheader()
+            writer.writerow(row)
+        n += 1
+    return n

@@ -1,0 +1,200 @@
+"""The label vocabulary of LIQE and the prompts built from it.
+
+The order of every list is part of the model: released LIQE checkpoints were trained with the
+reference code's strings, and the joint index of a (quality, scene, distortion) triple is
+``c * S * D + s * D + d`` (itertools.product order). With the default vocabulary that is
+``c * 99 + s * 11 + d`` over 495 prompts.
+
+Ablations of the paper (Tables 4 and 5) are vocabularies too: two quality levels, or a task
+left out (its axis then has size 1 and its words drop out of the template).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+QUALITIES: tuple[str, ...] = ("bad", "poor", "fair", "good", "perfect")
+SCENES: tuple[str, ...] = (
+    "animal", "cityscape", "human", "indoor", "landscape", "night", "plant", "still_life", "others",
+)
+DISTORTIONS: tuple[str, ...] = (
+    "jpeg2000 compression", "jpeg compression", "noise", "blur", "color", "contrast",
+    "overexposure", "underexposure", "spatial", "quantization", "other",
+)
+#: Version tag written into shard manifests and checkpoints; bump when any list above changes.
+VOCABULARY_VERSION = "liqe-ref-1"
+
+# Templates of the reference code, keyed by which tasks are on (quality, scene, distortion).
+TEMPLATES: dict[tuple[bool, bool, bool], str] = {
+    (True, True, True): "a photo of a {s} with {d} artifacts, which is of {c} quality",
+    (True, True, False): "a photo of a {s}, which is of {c} quality",
+    (True, False, True): "a photo with {d} artifacts, which is of {c} quality",
+    (True, False, False): "a photo with {c} quality",
+    (False, True, True): "a photo of a {s} with {d} artifacts",
+    (False, True, False): "a photo of a {s}",
+    (False, False, True): "a photo with {d} artifacts",
+}
+
+# Fine (dataset) distortion name -> coarse class. The first block is the reference code's own
+# `dist_map` (33 names, used verbatim in its label lists); the rest are the native names of LIVE,
+# CSIQ, TID2013, KADID-10k and the authentic datasets, mapped by the same reasoning.
+_REFERENCE_MAP: dict[str, str] = {
+    "jpeg2000 compression": "jpeg2000 compression", "jpeg compression": "jpeg compression",
+    "white noise": "noise", "gaussian blur": "blur", "fastfading": "jpeg2000 compression",
+    "fnoise": "noise", "contrast": "contrast", "lens": "blur", "motion": "blur",
+    "diffusion": "color", "shifting": "blur", "color quantization": "quantization",
+    "oversaturation": "color", "desaturation": "color", "white with color": "noise",
+    "impulse": "noise", "multiplicative": "noise", "white noise with denoise": "noise",
+    "brighten": "overexposure", "darken": "underexposure", "shifting the mean": "other",
+    "jitter": "spatial", "noneccentricity patch": "spatial", "pixelate": "spatial",
+    "quantization": "quantization", "color blocking": "spatial", "sharpness": "contrast",
+    "realistic blur": "blur", "realistic noise": "noise", "underexposure": "underexposure",
+    "overexposure": "overexposure", "realistic contrast change": "contrast",
+    "other realistic": "other",
+}
+_NATIVE_MAP: dict[str, str] = {
+    # LIVE release 2 folder names
+    "jp2k": "jpeg2000 compression", "jpeg": "jpeg compression", "wn": "noise",
+    "gblur": "blur", "fast fading": "jpeg2000 compression",
+    # CSIQ
+    "awgn": "noise", "jpeg 2000": "jpeg2000 compression", "jpeg2000": "jpeg2000 compression",
+    "pink noise": "noise", "blur": "blur", "noise": "noise",
+    # TID2013 (24 types)
+    "additive gaussian noise": "noise",
+    "additive noise in color components": "noise",
+    "spatially correlated noise": "noise", "masked noise": "noise",
+    "high frequency noise": "noise", "impulse noise": "noise",
+    "quantization noise": "quantization", "image denoising": "noise",
+    "jpeg transmission errors": "jpeg compression",
+    "jpeg2000 transmission errors": "jpeg2000 compression",
+    "non eccentricity pattern noise": "spatial",
+    "local block-wise distortions of different intensity": "spatial",
+    "mean shift": "other", "contrast change": "contrast",
+    "change of color saturation": "color", "multiplicative gaussian noise": "noise",
+    "comfort noise": "noise", "lossy compression of noisy images": "noise",
+    "image color quantization with dither": "quantization",
+    "chromatic aberrations": "color", "sparse sampling and reconstruction": "blur",
+    # KADID-10k (25 types)
+    "lens blur": "blur", "motion blur": "blur", "color diffusion": "color",
+    "color shift": "blur", "color saturation 1": "color", "color saturation 2": "color",
+    "white noise in color component": "noise", "multiplicative noise": "noise",
+    "denoise": "noise", "non-eccentricity patch": "spatial", "color block": "spatial",
+    "high sharpen": "contrast",
+    # authentic datasets (BID, LIVE Challenge, KonIQ-10k, SPAQ): one realistic label each
+    "authentic": "other", "realistic": "other", "realistic exposure": "other",
+    # the synthetic demo set and pristine references
+    "pristine": "other", "reference": "other", "color saturation": "color",
+    "spatially localized": "spatial", "other": "other",
+}
+FINE_TO_COARSE: dict[str, str] = {**_NATIVE_MAP, **_REFERENCE_MAP}
+_COARSE_NAMES = {name: name for name in DISTORTIONS}
+
+
+def _normalise_name(name: str) -> str:
+    return re.sub(r"[\s_]+", " ", name.strip().lower())
+
+
+def coarse_distortion(fine: str) -> str:
+    """Map a dataset's distortion name (any case, ``_`` or spaces) to one of the 11 classes.
+
+    Raises KeyError listing the known names when ``fine`` is not one of them.
+    """
+    key = _normalise_name(fine)
+    for table in (FINE_TO_COARSE, _COARSE_NAMES):
+        if key in table:
+            return table[key]
+    known = ", ".join(sorted(FINE_TO_COARSE))
+    raise KeyError(f"unknown distortion name {fine!r}; known fine names: {known}")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Labels of the three tasks and the template that joins them into prompts.
+
+    A task that is off has an empty tuple; its axis in the joint distribution has size 1.
+    """
+
+    qualities: tuple[str, ...] = QUALITIES
+    scenes: tuple[str, ...] = SCENES
+    distortions: tuple[str, ...] = DISTORTIONS
+
+    def __post_init__(self) -> None:
+        if not (self.qualities or self.scenes or self.distortions):
+            raise ValueError("a vocabulary needs at least one task")
+        for field, labels in (("qualities", self.qualities), ("scenes", self.scenes),
+                              ("distortions", self.distortions)):
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"vocabulary {field} has duplicate labels: {labels}")
+
+    @classmethod
+    def for_tasks(cls, quality: bool = True, scene: bool = True, distortion: bool = True,
+                  levels: int = 5) -> "Vocabulary":
+        """The default vocabulary restricted to some tasks; ``levels=2`` is the C = 2 ablation."""
+        if levels == 5:
+            qualities = QUALITIES
+        elif levels == 2:
+            qualities = ("bad", "good")
+        else:
+            raise ValueError(f"quality levels must be 5 or 2 (the paper's ablation), got {levels}")
+        return cls(qualities if quality else (), SCENES if scene else (),
+                   DISTORTIONS if distortion else ())
+
+    @property
+    def tasks(self) -> tuple[bool, bool, bool]:
+        """Which of (quality, scene, distortion) are on."""
+        return bool(self.qualities), bool(self.scenes), bool(self.distortions)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, S, D) with 1 for a task that is off."""
+        return max(len(self.qualities), 1), max(len(self.scenes), 1), max(len(self.distortions), 1)
+
+    @property
+    def size(self) -> int:
+        c, s, d = self.shape
+        return c * s * d
+
+    @property
+    def template(self) -> str:
+        return TEMPLATES[self.tasks]
+
+    def prompts(self) -> list[str]:
+        """All prompts, index ``c * S * D + s * D + d`` (product order of the reference)."""
+        template = self.template
+        return [template.format(c=c, s=s, d=d) for c, s, d in itertools.product(
+            self.qualities or ("",), self.scenes or ("",), self.distortions or ("",))]
+
+    def index(self, c: int, s: int, d: int) -> int:
+        """Joint index of level/scene/distortion indices (0-based; 0 for a task that is off)."""
+        C, S, D = self.shape
+        if not (0 <= c < C and 0 <= s < S and 0 <= d < D):
+            raise IndexError(f"(c={c}, s={s}, d={d}) outside the vocabulary shape {(C, S, D)}")
+        return (c * S + s) * D + d
+
+    def unindex(self, index: int) -> tuple[int, int, int]:
+        """Inverse of :meth:`index`."""
+        C, S, D = self.shape
+        if not 0 <= index < C * S * D:
+            raise IndexError(f"joint index {index} outside 0..{C * S * D - 1}")
+        c, rest = divmod(index, S * D)
+        s, d = divmod(rest, D)
+        return c, s, d
+
+    def quality_values(self) -> tuple[float, ...]:
+        """Numeric value of each quality level: 1..C (eq. 1)."""
+        return tuple(float(i + 1) for i in range(len(self.qualities)))
+
+    def scene_index(self, name: str) -> int:
+        if name not in self.scenes:
+            raise KeyError(f"unknown scene {name!r}; known: {', '.join(self.scenes)}")
+        return self.scenes.index(name)
+
+    def distortion_index(self, name: str) -> int:
+        """Index of a coarse class, accepting fine names through :func:`coarse_distortion`."""
+        coarse = name if name in self.distortions else coarse_distortion(name)
+        return self.distortions.index(coarse)
+
+
+DEFAULT_VOCABULARY = Vocabulary()

@@ -1,0 +1,105 @@
+"""Weights files: the project's format and the released LIQE / pyiqa formats.
+
+The released checkpoints cannot be downloaded here, so the tests write files in the same
+formats from random weights: an OpenAI-format CLIP state dict (the released LIQE.pt), the same
+under "params" (pyiqa's liqe_mix.pt) and under "model_state_dict" (the reference's training
+checkpoints). The tiny config uses QuickGELU like OpenAI's ViT-B/32.
+"""
+
+import pickle
+
+import pytest
+import torch
+
+from liqe_dist import load
+from liqe_dist.checkpoint import CheckpointError, load_weights, read_state_dict, save_weights
+from liqe_dist.model import LIQE, ModelConfig, build_model
+from liqe_dist.vocabulary import VOCABULARY_VERSION, Vocabulary
+
+
+def outputs(model, seed=0):
+    x = torch.randn(2, 2, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_project_format_round_trip(tmp_path, tiny_liqe):
+    path = save_weights(tiny_liqe, tmp_path / "w.safetensors", "liqe-tiny", extra={"step": 7})
+    assert not (tmp_path / "w.safetensors.partial").exists()
+    state, meta = read_state_dict(path)
+    assert meta["vocabulary_version"] == VOCABULARY_VERSION and meta["model_name"] == "liqe-tiny"
+    loaded = load_weights(path)
+    assert torch.equal(outputs(loaded).logits, outputs(tiny_liqe).logits)
+
+
+def test_project_format_keeps_the_vocabulary(tmp_path, tiny_clip):
+    model = LIQE(tiny_clip, Vocabulary.for_tasks(scene=False, levels=2))
+    loaded = load_weights(save_weights(model, tmp_path / "w.safetensors", "liqe-tiny"))
+    assert loaded.vocabulary == model.vocabulary and len(loaded.prompt_tokens) == 22
+
+
+@pytest.mark.parametrize("wrap", ["plain", "openai_jit_keys", "pyiqa", "reference_training", "ddp_prefix", "fp16"])
+def test_released_formats(tmp_path, tiny_clip_state, tiny_liqe, wrap):
+    state = dict(tiny_clip_state)
+    if wrap == "openai_jit_keys":
+        obj = {**state, "input_resolution": torch.tensor(224), "context_length": torch.tensor(77),
+               "vocab_size": torch.tensor(49408)}
+    elif wrap == "pyiqa":
+        obj = {"params": state}
+    elif wrap == "reference_training":
+        obj = {"epoch": 3, "model_state_dict": state, "optimizer_state_dict": {}}
+    elif wrap == "ddp_prefix":
+        obj = {f"module.{k}": v for k, v in state.items()}
+    elif wrap == "fp16":  # OpenAI's weights are partly half precision
+        obj = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    else:
+        obj = state
+    path = tmp_path / "LIQE.pt"
+    torch.save(obj, path)
+    model = load_weights(path, model_name="liqe-tiny")
+    got, want = outputs(model), outputs(tiny_liqe)
+    tol = 2e-2 if wrap == "fp16" else 1e-6
+    assert (got.score - want.score).abs().max() < tol
+    assert model.vocabulary == Vocabulary()
+
+
+def test_load_through_model_config_and_api(tmp_path, tiny_clip_state, tiny_liqe):
+    path = tmp_path / "liqe_mix.pt"
+    torch.save({"params": tiny_clip_state}, path)
+    model = build_model(ModelConfig(name="liqe-tiny", checkpoint=str(path)))
+    assert torch.allclose(outputs(model).score, outputs(tiny_liqe).score, atol=1e-6)
+    scorer = load("liqe-tiny", checkpoint=str(path))
+    assert torch.allclose(outputs(scorer.model).score, outputs(tiny_liqe).score, atol=1e-6)
+
+
+def test_wrong_architecture_is_named(tmp_path, tiny_clip_state):
+    path = tmp_path / "LIQE.pt"
+    torch.save(tiny_clip_state, path)
+    with pytest.raises(CheckpointError, match=r"LIQE\.pt: weights do not fit model 'ViT-B-32'.*another shape"):
+        load_weights(path, model_name="ViT-B-32")
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"params": Evil()}, f)
+    with pytest.raises(CheckpointError, match="evil.pt: cannot be read with torch.load\\(weights_only=True\\)"):
+        read_state_dict(path)
+
+
+def test_unreadable_files_are_named(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("not safetensors")
+    with pytest.raises(CheckpointError, match="bad.safetensors: not a readable safetensors file"):
+        read_state_dict(bad)
+    with pytest.raises(CheckpointError, match="missing.pt: no such checkpoint file"):
+        read_state_dict(tmp_path / "missing.pt")
+    empty = tmp_path / "empty.pt"
+    torch.save({}, empty)
+    with pytest.raises(CheckpointError, match="holds no state dict"):
+        read_state_dict(empty)

@@ -1,0 +1,106 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from liqe_dist.model import LIQE, ModelConfig, build_model, predictions_from_logits
+from liqe_dist.vocabulary import Vocabulary
+
+
+def crops(b=2, u=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, u, 3, 224, 224, generator=g)
+
+
+def test_forward_matches_equations_2_and_3(tiny_liqe):
+    x = crops()
+    with torch.no_grad():
+        out = tiny_liqe(x)
+        clip = tiny_liqe.clip
+        # eq. 2 written out: mean over crops of cos(F_u, G_v), scaled by 1/tau_1 = exp(logit_scale)
+        f = clip.encode_image(x.flatten(0, 1)).view(2, 3, -1)
+        g = clip.encode_text(__import__("open_clip").tokenize(Vocabulary().prompts()))
+        cos = torch.stack([torch.stack([F.cosine_similarity(f[b, u][None], g, dim=1) for u in range(3)]).mean(0)
+                           for b in range(2)])
+        logits = math.exp(4.0) * cos
+    assert torch.allclose(out.logits, logits, atol=1e-4)
+    joint = torch.softmax(logits, dim=1).view(2, 5, 9, 11)
+    assert torch.allclose(out.joint, joint, atol=1e-6)
+    assert torch.allclose(out.joint.sum(dim=(1, 2, 3)), torch.ones(2), atol=1e-6)
+
+
+def test_marginals_and_score(tiny_liqe):
+    with torch.no_grad():
+        out = tiny_liqe(crops())
+    assert out.quality.shape == (2, 5) and out.scene.shape == (2, 9) and out.distortion.shape == (2, 11)
+    for b in range(2):
+        for c in range(5):
+            assert out.quality[b, c] == pytest.approx(out.joint[b, c].sum().item(), abs=1e-6)
+        assert out.score[b] == pytest.approx(sum((c + 1) * out.quality[b, c].item() for c in range(5)), abs=1e-5)
+        assert 1.0 <= out.score[b] <= 5.0
+
+
+def test_predictions_by_hand():
+    # all mass on (c=4 "perfect", s=2 "human", d=3 "blur")
+    v = Vocabulary()
+    logits = torch.full((1, 495), -1e4)
+    logits[0, v.index(4, 2, 3)] = 0.0
+    out = predictions_from_logits(logits, v)
+    assert out.score.item() == pytest.approx(5.0)
+    assert out.scene.argmax().item() == 2 and out.distortion.argmax().item() == 3
+    # uniform joint: q_hat = (1+2+3+4+5)/5 = 3
+    out = predictions_from_logits(torch.zeros(1, 495), v)
+    assert out.score.item() == pytest.approx(3.0)
+    assert torch.allclose(out.scene, torch.full((1, 9), 1 / 9))
+
+
+def test_two_level_ablation_scores_in_1_2(tiny_clip):
+    model = LIQE(tiny_clip, Vocabulary.for_tasks(levels=2)).eval()
+    with torch.no_grad():
+        out = model(crops(1))
+    assert out.joint.shape == (1, 2, 9, 11)
+    assert 1.0 <= out.score.item() <= 2.0
+
+
+def test_logit_scale_frozen_by_default_and_encoders_trainable(tiny_clip):
+    model = LIQE(tiny_clip).train()
+    assert not model.clip.logit_scale.requires_grad
+    out = model(crops(2, 1))
+    out.score.sum().backward()
+    assert model.clip.visual.conv1.weight.grad.abs().sum() > 0
+    assert model.clip.token_embedding.weight.grad.abs().sum() > 0
+    assert model.clip.logit_scale.grad is None
+    assert LIQE(tiny_clip, freeze_logit_scale=False).clip.logit_scale.requires_grad
+
+
+def test_text_embeddings_cached_at_inference_only(tiny_liqe, tiny_clip_state):
+    with torch.no_grad():
+        first = tiny_liqe.text_embeddings()
+        assert tiny_liqe.text_embeddings() is first
+        tiny_liqe.load_state_dict({f"clip.{k}": v for k, v in tiny_clip_state.items()})
+        assert tiny_liqe.text_embeddings() is not first
+    tiny_liqe.train()
+    assert tiny_liqe._text_cache is None
+    assert tiny_liqe.text_embeddings().requires_grad
+
+
+def test_bf16_model_close_to_fp32(tiny_clip_state):
+    fp32 = build_model(ModelConfig(name="liqe-tiny")).eval()
+    fp32.clip.load_state_dict(tiny_clip_state)
+    bf16 = build_model(ModelConfig(name="liqe-tiny", precision="bf16")).eval()
+    bf16.clip.load_state_dict(tiny_clip_state)
+    assert bf16.clip.visual.conv1.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        a, b = fp32(crops()), bf16(crops())
+    assert b.score.dtype == torch.float32
+    assert (a.score - b.score).abs().max() < 0.05
+
+
+def test_model_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="precision"):
+        ModelConfig(precision="fp16")
+    with pytest.raises(ValueError, match="tasks"):
+        ModelConfig(tasks=("quality", "aesthetics"))
+    with pytest.raises(ValueError, match="unknown model name"):
+        build_model(ModelConfig(name="ViT-Q-99"))

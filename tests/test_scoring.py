@@ -1,0 +1,102 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import photo
+from liqe_dist import load
+from liqe_dist.cli import main
+from liqe_dist.crops import CropConfig
+from liqe_dist.images import ImageDecodeError, decode_image
+from liqe_dist.scoring import ImageScore, ScoreFailure, Scorer, expand_sources
+
+BROKEN = {"d_empty.jpg": "empty file", "e_garbage.png": "not a recognised image format",
+          "f_truncated.jpg": "truncated"}
+
+
+def test_decode_errors_name_file_and_reason(image_folder):
+    for name, reason in BROKEN.items():
+        with pytest.raises(ImageDecodeError, match=reason) as info:
+            decode_image(image_folder / name)
+        assert info.value.source.endswith(name)
+    with pytest.raises(ImageDecodeError, match="file not found"):
+        decode_image(image_folder / "nope.jpg")
+
+
+def test_decompression_bomb_refused(tmp_path):
+    photo(300, 300).save(tmp_path / "big.png")
+    with pytest.raises(ImageDecodeError, match="too large"):
+        decode_image(tmp_path / "big.png", max_pixels=300 * 299)
+
+
+def test_score_iter_reports_failures_in_order(image_folder, tiny_liqe):
+    sources, missing = expand_sources([image_folder])
+    assert not missing and len(sources) == 6
+    results = list(Scorer(tiny_liqe, batch_images=4).score_iter(sources))
+    assert [Path(r.source).name for r in results] == sorted(p.name for p in image_folder.iterdir())
+    failures = {Path(r.source).name: r.reason for r in results if isinstance(r, ScoreFailure)}
+    assert set(failures) == set(BROKEN)
+    for name, reason in BROKEN.items():
+        assert reason in failures[name]
+    scores = [r for r in results if isinstance(r, ImageScore)]
+    assert all(1.0 <= s.quality <= 5.0 for s in scores)
+    assert [s.upsampled for s in scores] == [False, False, True]
+
+
+def test_batching_does_not_change_scores(image_folder, tiny_liqe):
+    sources = [str(image_folder / n) for n in ("a_good.png", "b_good.jpg", "c_small.png")]
+    one = Scorer(tiny_liqe, batch_images=1).score(sources)
+    three = Scorer(tiny_liqe, batch_images=3).score(sources)
+    for a, b in zip(one, three):
+        assert a.quality == pytest.approx(b.quality, abs=1e-5)
+        assert a.scene == b.scene and a.distortion == b.distortion
+
+
+def test_api_scores_pil_images_and_raises_on_bad_input(image_folder):
+    scorer = load("liqe-tiny")
+    [s] = scorer.score(photo(300, 240))
+    assert 1 <= s.quality <= 5 and s.scene in scorer.model.vocabulary.scenes
+    with pytest.raises(ImageDecodeError, match="e_garbage.png"):
+        scorer.score([image_folder / "a_good.png", str(image_folder / "e_garbage.png")])
+
+
+def test_refuse_small_images_is_reported(image_folder, tiny_liqe):
+    scorer = Scorer(tiny_liqe, CropConfig(small_images="refuse"))
+    [r] = list(scorer.score_iter([str(image_folder / "c_small.png")]))
+    assert isinstance(r, ScoreFailure) and "150x100" in r.reason
+
+
+def test_cli_skips_bad_files_and_writes_the_rest(image_folder, tmp_path, caplog):
+    out = tmp_path / "scores.jsonl"
+    listing = tmp_path / "list.txt"
+    listing.write_text("images/a_good.png\n# a comment\nimages/e_garbage.png\n")
+    code = main(["score", str(image_folder), str(listing), str(tmp_path / "missing_dir"),
+                 "--model", "liqe-tiny", "--format", "jsonl", "-o", str(out), "--no-progress"])
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4  # 3 good in the folder + 1 from the list
+    assert {"quality", "scene", "distortion", "upsampled"} <= set(rows[0])
+    log = caplog.text
+    for name, reason in BROKEN.items():
+        assert name in log and reason in log
+    assert "missing_dir: no such file or folder" in log
+    assert "scored 4 image(s), skipped 5" in log
+
+
+def test_cli_fails_when_nothing_scores(image_folder, tmp_path):
+    code = main(["score", str(image_folder / "d_empty.jpg"), str(image_folder / "e_garbage.png"),
+                 "--model", "liqe-tiny", "-o", str(tmp_path / "x.csv"), "--no-progress"])
+    assert code == 1
+
+
+def test_console_script_csv(image_folder):
+    exe = Path(sys.executable).with_name("liqe-dist")
+    proc = subprocess.run([str(exe), "score", str(image_folder / "a_good.png"), "--model", "liqe-tiny",
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("source,quality,scene,scene_prob,distortion")
+    assert lines[1].startswith(str(image_folder / "a_good.png"))
+    assert "random weights" in proc.stderr
