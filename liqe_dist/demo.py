@@ -33,7 +33,7 @@ def make_images(out: Path, references: int, levels: tuple[int, ...]) -> dict[str
             for lv in ([0] if d == "pristine" else levels)]
     cache = {}
     for ref, d, lv in tqdm(jobs, desc="synthesising", unit="img"):
-        img = cache.setdefault(ref.name, reference_image(ref, max_side=640))
+        img = cache.setdefault(ref.name, reference_image(ref))
         dist = img if d == "pristine" else distort(img, d, lv, seed=lv)
         path = out / f"{ref.name}__{d.replace(' ', '_')}__{lv}.png"
         dist.save(path)
