@@ -57,6 +57,59 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0 if n > 0 else 1
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .data.adapters import DatasetFormatError, read_dataset
+    from .data.packing import PackConfig, pack_records
+
+    name = args.name or args.format
+    try:
+        records = read_dataset(args.format, Path(args.root), name, Path(args.lists) if args.lists else None)
+        cfg = PackConfig(shard_max_bytes=int(args.shard_max_mb * 1024 * 1024), shard_max_count=args.shard_max_count,
+                         splits=args.splits, seed=args.seed, workers=args.workers)
+        source = {"format": args.format, "root": str(Path(args.root).resolve()),
+                  "lists": str(Path(args.lists).resolve()) if args.lists else None}
+        result = pack_records(records, Path(args.out) / name, name, source, cfg, progress=not args.no_progress,
+                              force=args.force)
+    except (DatasetFormatError, ValueError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 1
+    log.info("%s", result.summary(name))
+    if result.rejected:
+        log.warning("%d image(s) rejected: see %s", result.rejected, result.out_dir / "rejects.tsv")
+    return 0
+
+
+def cmd_shards_verify(args: argparse.Namespace) -> int:
+    from .data.verify import verify_shards
+
+    bad = 0
+    for d in args.dirs:
+        report = verify_shards(d, decode=not args.no_decode, progress=not args.no_progress)
+        for problem in report.problems:
+            log.error("%s", problem)
+        log.info("%s: %d samples, %s", d, report.samples, "OK" if report.ok else f"{len(report.problems)} problem(s)")
+        bad += not report.ok
+    return 1 if bad else 0
+
+
+def cmd_shards_info(args: argparse.Namespace) -> int:
+    from .data.verify import format_table, shards_info
+
+    print(format_table(shards_info(args.root)))
+    return 0
+
+
+def cmd_make_synthetic(args: argparse.Namespace) -> int:
+    from .data.synthetic import write_synthetic_dataset
+
+    table = write_synthetic_dataset(args.out, references=args.references, workers=args.workers,
+                                    progress=not args.no_progress)
+    log.info("wrote %s (pseudo-MOS = 100 x SSIM: a pipeline check, not human opinion)", table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liqe-dist", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -73,6 +126,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images with a side under 224 px: upscale (flagged in the output) or refuse")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_score)
+
+    from .data.adapters import ADAPTERS
+
+    p = sub.add_parser("pack", help="pack a dataset into labelled WebDataset shards")
+    p.add_argument("format", choices=sorted(ADAPTERS), help="how the dataset is distributed (csv: generic table)")
+    p.add_argument("root", help="the dataset's folder (for csv: the table; with --lists: the image folder)")
+    p.add_argument("--name", help="dataset name (default: the format)")
+    p.add_argument("--lists", help="reference label lists: a list file, or a folder of split folders 1..10")
+    p.add_argument("--out", default="shards", help="shard sets go to OUT/NAME")
+    p.add_argument("--splits", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-max-mb", type=float, default=256.0)
+    p.add_argument("--shard-max-count", type=int, default=2000)
+    p.add_argument("--workers", type=int, default=2, help="decoding processes")
+    p.add_argument("--force", action="store_true", help="rebuild even if an identical set exists")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_pack)
+
+    shards = sub.add_parser("shards", help="inspect packed shard sets").add_subparsers(dest="shards_command", required=True)
+    p = shards.add_parser("verify", help="check shards against their manifest and decode every image")
+    p.add_argument("dirs", nargs="+")
+    p.add_argument("--no-decode", action="store_true", help="check counts and checksums only")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_shards_verify)
+    p = shards.add_parser("info", help="summary table of the shard sets under a folder")
+    p.add_argument("root", nargs="?", default="shards")
+    p.set_defaults(func=cmd_shards_info)
+
+    p = sub.add_parser("make-synthetic", help="write the synthetic demo dataset (images + labels.csv)")
+    p.add_argument("out")
+    p.add_argument("--references", type=int, help="use only the first N reference photographs")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_make_synthetic)
     return parser
 
 

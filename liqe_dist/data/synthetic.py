@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -132,3 +133,50 @@ def reference_image(ref: Reference, max_side: int = IMAGE_SIDE) -> Image.Image:
     if max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.LANCZOS)
     return img
+
+
+def _write_reference(args: tuple[int, Path, int]) -> list[dict]:
+    index, out, max_side = args  # an index: References hold lambdas, which do not pickle
+    ref = REFERENCES[index]
+    img = reference_image(ref, max_side)
+    rows = []
+    jobs = [("pristine", 0)] + [(d, lv) for d in DISTORTIONS for lv in range(1, LEVELS + 1)]
+    for name, level in jobs:
+        dist = img if name == "pristine" else distort(img, name, level, seed=level)
+        rel = f"{ref.name}/{name.replace(' ', '_')}_{level}.png"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        dist.save(out / rel)
+        rows.append({"path": rel, "mos": f"{pseudo_mos(img, dist):.4f}",
+                     "distortion": "other" if name == "pristine" else name,
+                     "scenes": ";".join(ref.scenes), "reference": ref.reference_id, "level": str(level)})
+    return rows
+
+
+def write_synthetic_dataset(out: Path, references: int | None = None, max_side: int = IMAGE_SIDE,
+                            workers: int = 2, progress: bool = True) -> Path:
+    """Write the synthetic dataset as PNG files plus ``labels.csv`` in the generic CSV format
+    (path, mos, distortion, scenes, reference, level); returns the CSV's path.
+
+    ``references`` limits how many of :data:`REFERENCES` are used (all by default); each gives
+    1 + 10 x 5 = 51 images.
+    """
+    import csv
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    count = min(references, len(REFERENCES)) if references else len(REFERENCES)
+    jobs = [(i, out, max_side) for i in range(count)]
+    rows: list[dict] = []
+    with mp.get_context("spawn").Pool(max(1, min(workers, len(jobs)))) as pool:
+        for part in tqdm(pool.imap(_write_reference, jobs), total=len(jobs), unit="reference",
+                         desc="synthesising", disable=not progress):
+            rows.extend(part)
+    table = out / "labels.csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return table

@@ -1,0 +1,103 @@
+"""Helpers shared by the dataset adapters: tables, .mat files, file lookup, errors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+
+class DatasetFormatError(ValueError):
+    """A dataset's files are not as expected; the message names the file and the problem."""
+
+
+def require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DatasetFormatError(f"{path}: missing ({what})")
+    return path
+
+
+def read_table(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV/TSV (header line) or an .xlsx (first sheet) as dicts of strings,
+    with header names lower-cased and stripped."""
+    require(path, "label table")
+    if path.suffix.lower() in (".xlsx", ".xlsm"):
+        import openpyxl
+
+        ws = openpyxl.load_workbook(path, read_only=True, data_only=True).worksheets[0]
+        rows = [[("" if v is None else str(v)) for v in row] for row in ws.iter_rows(values_only=True)]
+    else:
+        text = path.read_text(encoding="utf-8-sig")
+        dialect = csv.excel_tab if "\t" in text.splitlines()[0] else csv.excel
+        rows = list(csv.reader(text.splitlines(), dialect))
+    rows = [r for r in rows if any(c.strip() for c in r)]
+    if not rows:
+        raise DatasetFormatError(f"{path}: empty table")
+    header = [h.strip().lower() for h in rows[0]]
+    return [dict(zip(header, (c.strip() for c in r))) for r in rows[1:]]
+
+
+def column(row: dict[str, str], path: Path, *names: str) -> str:
+    """The first of ``names`` present in ``row`` (header names are lower-case)."""
+    for n in names:
+        if n in row and row[n] != "":
+            return row[n]
+    raise DatasetFormatError(f"{path}: no column {' / '.join(names)} (have {', '.join(row)})")
+
+
+def to_float(value: str, path: Path, where: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise DatasetFormatError(f"{path}: {where}: {value!r} is not a number") from None
+
+
+def load_mat(path: Path, *names: str) -> dict[str, np.ndarray]:
+    """Variables from a MATLAB .mat file (v5; v7.3 HDF5 files are not supported)."""
+    from scipy.io import loadmat
+
+    require(path, "MATLAB file")
+    try:
+        mat = loadmat(str(path))
+    except (ValueError, NotImplementedError, OSError) as exc:
+        raise DatasetFormatError(f"{path}: cannot read MATLAB file ({exc})") from None
+    missing = [n for n in names if n not in mat]
+    if missing:
+        raise DatasetFormatError(f"{path}: variable(s) {missing} not found (have {[k for k in mat if not k.startswith('__')]})")
+    return {n: mat[n] for n in names}
+
+
+def mat_strings(arr: np.ndarray) -> list[str]:
+    """A MATLAB cell array of strings (any orientation) as a list."""
+    out = []
+    for item in np.asarray(arr, dtype=object).ravel():
+        while isinstance(item, np.ndarray):
+            item = item.ravel()[0] if item.size else ""
+        out.append(str(item))
+    return out
+
+
+def mat_numbers(arr: np.ndarray) -> list[float]:
+    return [float(v) for v in np.asarray(arr, dtype=float).ravel()]
+
+
+class FileIndex:
+    """Case-insensitive lookup of files by name under a folder (datasets mix .BMP and .bmp)."""
+
+    def __init__(self, root: Path):
+        self.root = require(root, "image folder")
+        self._by_name: dict[str, list[Path]] = {}
+        for p in root.rglob("*"):
+            if p.is_file():
+                self._by_name.setdefault(p.name.lower(), []).append(p)
+
+    def find(self, name: str, where: str) -> Path:
+        hits = self._by_name.get(Path(name).name.lower(), [])
+        if not hits:
+            raise DatasetFormatError(f"{where}: image {name!r} not found under {self.root}")
+        if len(hits) > 1:
+            exact = [h for h in hits if str(h).lower().endswith(name.lower().replace("\\", "/"))]
+            if len(exact) == 1:
+                return exact[0]
+        return sorted(hits)[0]

@@ -1,0 +1,239 @@
+"""Packing labelled records into WebDataset tar shards with a manifest.
+
+One sample per image: ``<key>.<ext>`` holds the original bytes (never re-encoded) and
+``<key>.json`` the labels (including one split letter per split, so one packed copy serves all
+ten splits). Every image is decoded once here to validate it and record its size; an image that
+fails is written to ``rejects.tsv`` with its source and reason, and packing goes on.
+
+Shards are written under a temporary name and renamed when complete; the manifest is written
+last, so its presence means the set is whole. Re-running with the same inputs and options finds
+the manifest's fingerprint unchanged and does nothing; otherwise the set is rebuilt cleanly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import webdataset as wds
+from tqdm import tqdm
+
+from ..images import MAX_PIXELS, ImageDecodeError, decode_image
+from ..vocabulary import VOCABULARY_VERSION
+from .records import Record, labels_to_json
+from .splits import assign_splits, split_summary
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+REJECTS = "rejects.tsv"
+FORMAT = "liqe-dist/shards-1"
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """Shard limits (a shard closes at whichever comes first), split protocol, parallelism."""
+
+    shard_max_bytes: int = 256 * 1024 * 1024
+    shard_max_count: int = 2000
+    splits: int = 10
+    seed: int = 0
+    workers: int = 2
+    max_pixels: int = MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.shard_max_count < 1 or self.shard_max_bytes < 1:
+            raise ValueError("pack: shard limits must be >= 1")
+        if self.splits < 1:
+            raise ValueError(f"pack.splits must be >= 1, got {self.splits}")
+
+
+@dataclass
+class PackResult:
+    out_dir: Path
+    samples: int
+    rejected: int
+    shards: int
+    bytes: int
+    skipped: bool  # True when an identical set was already packed
+
+    def summary(self, dataset: str) -> str:
+        if self.skipped:
+            return f"{dataset}: up to date ({self.samples} images in {self.shards} shards) at {self.out_dir}"
+        return (f"packed {dataset}: {self.samples} images in {self.shards} shard(s) "
+                f"({self.bytes / 1e6:.1f} MB), {self.rejected} rejected -> {self.out_dir}")
+
+
+def check_unique_keys(records: list[Record]) -> None:
+    """Duplicate keys are an error naming both sources."""
+    seen: dict[str, str] = {}
+    for r in records:
+        if r.key in seen:
+            raise ValueError(f"duplicate key {r.key!r}: {seen[r.key]} and {r.source}")
+        seen[r.key] = r.source
+
+
+def _validate(args: tuple[Record, int]) -> tuple[bytes | None, tuple[int, int] | None, str]:
+    """Worker: read and decode one image. Returns (bytes, (w, h), "") or (None, None, reason)."""
+    rec, max_pixels = args
+    try:
+        if rec.data is not None:
+            data = rec.data
+        else:
+            try:
+                data = Path(rec.path).read_bytes()
+            except FileNotFoundError:
+                return None, None, "file not found"
+            except OSError as exc:
+                return None, None, f"cannot read file ({exc.strerror})"
+        img = decode_image(data, rec.path or rec.key, max_pixels=max_pixels)
+        return data, img.size, ""
+    except ImageDecodeError as exc:
+        return None, None, exc.reason
+
+
+def _fingerprint(records: list[Record], cfg: PackConfig) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
+    for r in records:
+        h.update(labels_to_json(r.labels()))
+        if r.data is not None:
+            h.update(hashlib.sha256(r.data).digest())
+        else:
+            p = Path(r.path)
+            h.update(f"{r.path}:{p.stat().st_size if p.exists() else -1}".encode())
+    return h.hexdigest()
+
+
+class _ShardSink:
+    """Writes samples to numbered shards, each under a temporary name until it is closed."""
+
+    def __init__(self, out_dir: Path, dataset: str, cfg: PackConfig):
+        self.out_dir, self.dataset, self.cfg = out_dir, dataset, cfg
+        self.shards: list[dict] = []
+        self._writer = None
+        self._buf = None
+        self._count = 0
+        self._bytes = 0
+
+    def write(self, key: str, ext: str, image: bytes, labels: bytes) -> None:
+        size = len(image) + len(labels) + 2048  # two tar headers + padding
+        if self._writer is not None and (self._count >= self.cfg.shard_max_count
+                                         or self._bytes + size > self.cfg.shard_max_bytes):
+            self._close()
+        if self._writer is None:
+            name = f"{self.dataset}-{len(self.shards):06d}.tar"
+            self._path = self.out_dir / name
+            self._partial = self.out_dir / (name + ".partial")
+            self._file = open(self._partial, "wb")
+            self._writer = wds.TarWriter(self._file, encoder=False, mtime=0)
+            self._count = self._bytes = 0
+        self._writer.write({"__key__": key, ext: image, "json": labels})
+        self._count += 1
+        self._bytes += size
+
+    def _close(self) -> None:
+        self._writer.close()
+        self._file.close()
+        digest = hashlib.sha256(self._partial.read_bytes()).hexdigest()
+        self._partial.replace(self._path)
+        self.shards.append({"name": self._path.name, "samples": self._count,
+                            "bytes": self._path.stat().st_size, "sha256": digest})
+        self._writer = None
+
+    def finish(self) -> list[dict]:
+        if self._writer is not None:
+            self._close()
+        return self.shards
+
+
+def _clean(out_dir: Path) -> None:
+    for pattern in ("*.tar", "*.tar.partial", REJECTS, MANIFEST, MANIFEST + ".partial"):
+        for p in out_dir.glob(pattern):
+            p.unlink()
+
+
+def pack_records(records: list[Record], out_dir: Path, dataset: str, source: dict,
+                 cfg: PackConfig = PackConfig(), progress: bool = True, force: bool = False) -> PackResult:
+    """Validate, split and write ``records`` as a shard set in ``out_dir``."""
+    if not records:
+        raise ValueError(f"{dataset}: no records to pack")
+    check_unique_keys(records)
+    split_info = assign_splits(records, count=cfg.splits, seed=cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(records, cfg)
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.exists() and not force:
+        old = json.loads(manifest_path.read_text())
+        if old.get("fingerprint") == fingerprint and all((out_dir / s["name"]).exists() for s in old["shards"]):
+            return PackResult(out_dir, old["samples"], old["rejected"], len(old["shards"]),
+                              sum(s["bytes"] for s in old["shards"]), skipped=True)
+    _clean(out_dir)
+
+    sink = _ShardSink(out_dir, dataset, cfg)
+    rejects = []
+    label_counts = {"mos": 0, "mos_std": 0, "scenes": 0, "distortion": 0, "reference": 0}
+    written: list[Record] = []
+    mos_values = []
+    jobs = ((r, cfg.max_pixels) for r in records)
+    ctx = mp.get_context("spawn") if cfg.workers > 1 else None
+    pool = ctx.Pool(cfg.workers) if ctx else None
+    started = time.perf_counter()
+    try:
+        results = pool.imap(_validate, jobs, chunksize=8) if pool else map(_validate, jobs)
+        for rec, (data, size, reason) in tqdm(zip(records, results), total=len(records), unit="img",
+                                              desc=f"packing {dataset}", disable=not progress):
+            if data is None:
+                rejects.append((rec.source, rec.path or "", reason))
+                log.warning("rejected %s (%s): %s", rec.path or rec.key, rec.source, reason)
+                continue
+            labels = rec.labels()
+            labels["width"], labels["height"] = size
+            sink.write(rec.key, rec.ext, data, labels_to_json(labels))
+            written.append(rec)
+            mos_values.append(rec.mos)
+            for name, has in (("mos", rec.mos is not None), ("mos_std", rec.mos_std is not None),
+                              ("scenes", bool(rec.scenes)), ("distortion", rec.distortion is not None),
+                              ("reference", rec.reference is not None)):
+                label_counts[name] += has
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    shards = sink.finish()
+    with open(out_dir / REJECTS, "w") as f:
+        f.write("source\tpath\treason\n")
+        for row in rejects:
+            f.write("\t".join(str(c).replace("\t", " ") for c in row) + "\n")
+    if not written:
+        raise ValueError(f"{dataset}: every image was rejected (see {out_dir / REJECTS})")
+    # recount over the images actually written (rejects left out)
+    split_info = split_summary(written, by=split_info["by"], seed=split_info["seed"],
+                               fractions=tuple(split_info["fractions"]) if split_info["fractions"] else None)
+    manifest = {
+        "format": FORMAT, "dataset": dataset, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "vocabulary_version": VOCABULARY_VERSION, "source": source, "fingerprint": fingerprint,
+        "pack": asdict(cfg), "samples": len(written), "rejected": len(rejects), "rejects_file": REJECTS,
+        "labels": label_counts, "mos_range": [min(mos_values), max(mos_values)],
+        "splits": split_info, "shards": shards, "seconds": round(time.perf_counter() - started, 1),
+    }
+    tmp = out_dir / (MANIFEST + ".partial")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(manifest_path)
+    return PackResult(out_dir, len(written), len(rejects), len(shards), sum(s["bytes"] for s in shards), False)
+
+
+def read_manifest(shard_dir: Path) -> dict:
+    """The manifest of a packed set; a clear error when the set is incomplete or foreign."""
+    path = Path(shard_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no manifest (not a packed shard set, or packing did not finish)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest

@@ -1,0 +1,257 @@
+"""Streaming packed shards to training and evaluation.
+
+Every reader is one *consumer*: a (rank, loader worker) pair, ``consumer = rank * workers +
+worker`` of ``world * workers``. A consumer reads the shards assigned to it:
+
+* when there are at least as many shards as consumers, shard ``i`` goes to consumer
+  ``i mod consumers`` (training shuffles the shard list with a per-epoch seed first, so the
+  assignment changes every epoch: open_clip's pattern);
+* otherwise every consumer reads every shard and keeps the samples whose running index is
+  ``consumer mod consumers``.
+
+Either way each sample reaches exactly one consumer, which makes evaluation exact-once for any
+number of ranks and workers. Labels are filtered (split part) before an image is decoded. A
+sample that cannot be read is logged with its key and counted (``skipped`` in each batch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tarfile
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from ..crops import CropConfig, ImageTooSmallError, eval_crops, train_crops
+from ..images import ImageDecodeError, decode_image
+from ..vocabulary import DISTORTIONS, SCENES
+from .packing import read_manifest
+from .splits import in_part
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RawSample:
+    key: str
+    shard: str
+    fields: dict  # extension -> bytes
+
+
+@dataclass
+class CropSample:
+    """A decoded, cropped sample with its labels."""
+
+    key: str
+    dataset: str
+    pixels: torch.Tensor  # [U, 3, 224, 224]
+    mos: float | None
+    scenes: tuple[str, ...]
+    distortion: str | None
+
+
+def iter_shard(path: Path) -> Iterator[RawSample]:
+    """The samples of one tar shard; a damaged shard is logged and read up to the damage."""
+    try:
+        with open(path, "rb") as f:
+            files = (dict(entry, __url__=str(path)) for entry in tar_file_iterator(f))
+            for s in group_by_keys(files):
+                yield RawSample(s["__key__"], str(path), {k: v for k, v in s.items() if not k.startswith("__")})
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        log.error("shard %s: unreadable from here on (%s)", path, exc)
+
+
+def assigned(shards: list[Path], consumer: int, consumers: int) -> Iterator[RawSample]:
+    """The samples of ``shards`` that belong to ``consumer`` (see the module docstring)."""
+    if len(shards) >= consumers:
+        for path in shards[consumer::consumers]:
+            yield from iter_shard(path)
+    else:
+        for i, sample in enumerate(chain.from_iterable(iter_shard(p) for p in shards)):
+            if i % consumers == consumer:
+                yield sample
+
+
+def consumer_id(rank: int, world: int) -> tuple[int, int]:
+    """(consumer, consumers) for this process and DataLoader worker."""
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    return rank * workers + worker, world * workers
+
+
+class _Decoder:
+    """Turns raw samples into :class:`CropSample` s, counting and logging the bad ones."""
+
+    def __init__(self, crops: CropConfig):
+        self.crops = crops
+        self.skipped = 0
+
+    def labels(self, raw: RawSample) -> dict | None:
+        try:
+            return json.loads(raw.fields["json"])
+        except (KeyError, ValueError) as exc:
+            self._skip(raw, f"no readable labels ({type(exc).__name__})")
+            return None
+
+    def decode(self, raw: RawSample, labels: dict, train: bool, generator: torch.Generator | None) -> CropSample | None:
+        images = [k for k in raw.fields if k != "json"]
+        if len(images) != 1:
+            self._skip(raw, f"expected one image field, found {images}")
+            return None
+        try:
+            img = decode_image(raw.fields[images[0]], f"{raw.shard}:{raw.key}")
+            c = (train_crops(img, self.crops, generator, source=raw.key) if train
+                 else eval_crops(img, self.crops, source=raw.key))
+        except (ImageDecodeError, ImageTooSmallError) as exc:
+            self._skip(raw, str(getattr(exc, "reason", exc)))
+            return None
+        return CropSample(raw.key, labels["dataset"], c.pixels, labels.get("mos"),
+                          tuple(labels.get("scenes") or ()), labels.get("distortion"))
+
+    def _skip(self, raw: RawSample, reason: str) -> None:
+        self.skipped += 1
+        log.warning("skipped sample %s in %s: %s", raw.key, raw.shard, reason)
+
+    def take_skipped(self) -> int:
+        n, self.skipped = self.skipped, 0
+        return n
+
+
+def collate(samples: list[CropSample], dataset_ids: list[int], skipped: int = 0) -> dict:
+    """Stack samples into a batch with label tensors and masks.
+
+    ``images`` [N, U, 3, 224, 224]; ``dataset`` [N] long; ``mos`` [N] float (NaN where missing) and
+    ``has_mos``; ``scenes`` [N, 9] multi-hot and ``has_scenes``; ``distortion`` [N] long (-1 where
+    missing) and ``has_distortion``; ``keys``; ``skipped``: bad samples met since the last batch.
+    """
+    n = len(samples)
+    scenes = torch.zeros(n, len(SCENES))
+    for i, s in enumerate(samples):
+        for name in s.scenes:
+            scenes[i, SCENES.index(name)] = 1.0
+    mos = torch.tensor([float("nan") if s.mos is None else float(s.mos) for s in samples])
+    dist = torch.tensor([-1 if s.distortion is None else DISTORTIONS.index(s.distortion) for s in samples])
+    return {
+        "images": torch.stack([s.pixels for s in samples]),
+        "dataset": torch.tensor(dataset_ids, dtype=torch.long),
+        "mos": mos, "has_mos": ~torch.isnan(mos),
+        "scenes": scenes, "has_scenes": scenes.sum(dim=1) > 0,
+        "distortion": dist, "has_distortion": dist >= 0,
+        "keys": [s.key for s in samples],
+        "skipped": skipped,
+    }
+
+
+def _shard_paths(shard_dir: Path) -> list[Path]:
+    manifest = read_manifest(shard_dir)
+    return [Path(shard_dir) / s["name"] for s in manifest["shards"]]
+
+
+class EvalSamples(IterableDataset):
+    """Every sample of one part ("val"/"test") of split ``split`` exactly once across all ranks
+    and loader workers, with the evaluation crops. Use with ``DataLoader(batch_size=B,
+    collate_fn=collate_eval)``."""
+
+    def __init__(self, shard_dir: str | Path, split: int = 0, part: str = "test",
+                 crops: CropConfig = CropConfig(), rank: int = 0, world: int = 1, dataset_id: int = 0):
+        self.shards = _shard_paths(Path(shard_dir))
+        self.split, self.part, self.crops = split, part, crops
+        self.rank, self.world, self.dataset_id = rank, world, dataset_id
+
+    def __iter__(self) -> Iterator[tuple[CropSample | None, int, int]]:
+        consumer, consumers = consumer_id(self.rank, self.world)
+        decoder = _Decoder(self.crops)
+        for raw in assigned(self.shards, consumer, consumers):
+            labels = decoder.labels(raw)
+            if labels is None or not in_part(labels["splits"], self.split, self.part):
+                continue
+            sample = decoder.decode(raw, labels, train=False, generator=None)
+            if sample is not None:
+                yield sample, self.dataset_id, decoder.take_skipped()
+        if decoder.skipped:  # bad samples after the last good one
+            yield None, self.dataset_id, decoder.take_skipped()
+
+
+def collate_eval(items: list[tuple[CropSample | None, int, int]]) -> dict | None:
+    good = [(s, d) for s, d, _ in items if s is not None]
+    skipped = sum(k for _, _, k in items)
+    if not good:
+        return {"images": None, "keys": [], "skipped": skipped}
+    return collate([s for s, _ in good], [d for _, d in good], skipped)
+
+
+@dataclass(frozen=True)
+class TrainSource:
+    """One dataset's shard set and its per-rank batch size."""
+
+    shard_dir: str
+    batch_size: int
+
+
+class TrainBatches(IterableDataset):
+    """Endless training batches: each step takes ``batch_size`` samples of every dataset's
+    train split (per rank), concatenated, with dataset ids. Use with ``DataLoader(batch_size=None)``.
+
+    Per dataset and epoch the shard list is shuffled with ``(seed, epoch)`` before it is split
+    across consumers; samples pass a shuffle buffer and get 3 random crops after a random flip.
+    """
+
+    def __init__(self, sources: list[TrainSource], split: int = 0, crops: CropConfig = CropConfig(),
+                 seed: int = 0, rank: int = 0, world: int = 1, shuffle_buffer: int = 256, start_epoch: int = 0):
+        if not sources:
+            raise ValueError("no training datasets")
+        self.sources = sources
+        self.shards = [_shard_paths(Path(s.shard_dir)) for s in sources]
+        self.split, self.crops, self.seed = split, crops, seed
+        self.rank, self.world = rank, world
+        self.shuffle_buffer, self.start_epoch = shuffle_buffer, start_epoch
+
+    def _endless(self, d: int, consumer: int, consumers: int, decoder: _Decoder) -> Iterator[CropSample]:
+        epoch = self.start_epoch
+        while True:
+            shards = list(self.shards[d])
+            random.Random(hash((self.seed, d, epoch)) & 0xFFFFFFFF).shuffle(shards)
+            rng = random.Random(hash((self.seed, d, epoch, consumer)) & 0xFFFFFFFF)
+            gen = torch.Generator().manual_seed(hash((self.seed, d, epoch, consumer, 1)) & 0x7FFFFFFF)
+            buffer: list[tuple[RawSample, dict]] = []
+            produced = 0
+            for raw in assigned(shards, consumer, consumers):
+                labels = decoder.labels(raw)
+                if labels is None or not in_part(labels["splits"], self.split, "train"):
+                    continue
+                buffer.append((raw, labels))
+                if len(buffer) < self.shuffle_buffer:
+                    continue
+                sample = decoder.decode(*buffer.pop(rng.randrange(len(buffer))), train=True, generator=gen)
+                if sample is not None:
+                    produced += 1
+                    yield sample
+            rng.shuffle(buffer)
+            for raw, labels in buffer:
+                sample = decoder.decode(raw, labels, train=True, generator=gen)
+                if sample is not None:
+                    produced += 1
+                    yield sample
+            if produced == 0:
+                raise RuntimeError(f"{self.sources[d].shard_dir}: consumer {consumer} of {consumers} got no "
+                                   f"training samples in split {self.split} (epoch {epoch})")
+            epoch += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        consumer, consumers = consumer_id(self.rank, self.world)
+        decoder = _Decoder(self.crops)
+        streams = [self._endless(d, consumer, consumers, decoder) for d in range(len(self.sources))]
+        while True:
+            samples, ids = [], []
+            for d, (stream, src) in enumerate(zip(streams, self.sources)):
+                for _ in range(src.batch_size):
+                    samples.append(next(stream))
+                    ids.append(d)
+            yield collate(samples, ids, decoder.take_skipped())

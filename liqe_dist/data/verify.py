@@ -1,0 +1,101 @@
+"""Checking a packed shard set against its manifest, and summarising shard sets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..images import ImageDecodeError, decode_image
+from .packing import MANIFEST, read_manifest
+from .stream import iter_shard
+
+
+@dataclass
+class VerifyReport:
+    shard_dir: Path
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_shards(shard_dir: str | Path, decode: bool = True, progress: bool = True) -> VerifyReport:
+    """Counts, sizes and sha256 of every shard against the manifest; with ``decode``, every
+    image decoded and every label file parsed. Each problem names the shard (and key)."""
+    shard_dir = Path(shard_dir)
+    report = VerifyReport(shard_dir)
+    try:
+        manifest = read_manifest(shard_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        report.problems.append(str(exc))
+        return report
+    for entry in tqdm(manifest["shards"], desc=f"verifying {manifest['dataset']}", unit="shard", disable=not progress):
+        path = shard_dir / entry["name"]
+        if not path.exists():
+            report.problems.append(f"{path}: missing")
+            continue
+        data = path.read_bytes()
+        if len(data) != entry["bytes"]:
+            report.problems.append(f"{path}: {len(data)} bytes, manifest says {entry['bytes']}")
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            report.problems.append(f"{path}: sha256 differs from the manifest")
+        count = 0
+        for raw in iter_shard(path):
+            count += 1
+            where = f"{path}:{raw.key}"
+            try:
+                labels = json.loads(raw.fields["json"])
+            except (KeyError, ValueError):
+                report.problems.append(f"{where}: labels missing or not JSON")
+                continue
+            if labels.get("key") != raw.key:
+                report.problems.append(f"{where}: labels name key {labels.get('key')!r}")
+            images = [k for k in raw.fields if k != "json"]
+            if len(images) != 1:
+                report.problems.append(f"{where}: expected one image, found {images}")
+            elif decode:
+                try:
+                    decode_image(raw.fields[images[0]], where)
+                except ImageDecodeError as exc:
+                    report.problems.append(str(exc))
+        if count != entry["samples"]:
+            report.problems.append(f"{path}: {count} samples, manifest says {entry['samples']}")
+        report.samples += count
+    if report.samples != manifest["samples"]:
+        report.problems.append(f"{shard_dir}: {report.samples} samples in shards, manifest says {manifest['samples']}")
+    return report
+
+
+def shards_info(root: str | Path) -> list[dict]:
+    """One row per shard set under ``root`` (or ``root`` itself if it is one)."""
+    root = Path(root)
+    dirs = [root] if (root / MANIFEST).exists() else sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
+    rows = []
+    for d in dirs:
+        m = read_manifest(d)
+        first = m["splits"]["counts"][0]
+        rows.append({
+            "dataset": m["dataset"], "samples": m["samples"], "rejected": m["rejected"],
+            "shards": len(m["shards"]), "MB": round(sum(s["bytes"] for s in m["shards"]) / 1e6, 1),
+            "splits": f"{m['splits']['count']} by {m['splits']['by']}",
+            "split 1 train/val/test": f"{first['train']}/{first['val']}/{first['test']}",
+            "MOS range": f"{m['mos_range'][0]:.3g}..{m['mos_range'][1]:.3g}",
+            "scenes": m["labels"]["scenes"], "distortion": m["labels"]["distortion"], "path": str(d),
+        })
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no shard sets found)"
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
