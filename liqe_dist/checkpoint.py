@@ -56,6 +56,7 @@ def save_weights(model: LIQE, path: str | Path, model_name: str, extra: dict | N
         "extra": json.dumps(extra or {}),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.clip.state_dict().items()}
+    tensors["logit_scale"] = tensors["logit_scale"].reshape(())  # [1] when it was trained
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)

@@ -27,8 +27,9 @@ class ImageDecodeError(ValueError):
 
 
 def decode_image(data: bytes | str | Path, source: str | None = None,
-                 max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode to an RGB PIL image (fully loaded). Raises :class:`ImageDecodeError`."""
+                 max_pixels: int = MAX_PIXELS, rgb: bool = True) -> Image.Image:
+    """Decode to a fully loaded PIL image, RGB unless ``rgb=False`` (validation only needs the
+    decode). Raises :class:`ImageDecodeError`."""
     if isinstance(data, (str, Path)):
         source = source or str(data)
         try:
@@ -53,7 +54,7 @@ def decode_image(data: bytes | str | Path, source: str | None = None,
                     raise ImageDecodeError(
                         source, f"image too large ({w}x{h} = {w * h} pixels > limit {max_pixels})")
                 img.load()
-                rgb = img.convert("RGB")
+                out = img.convert("RGB") if rgb else img
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
@@ -65,7 +66,7 @@ def decode_image(data: bytes | str | Path, source: str | None = None,
         if "truncated" in reason.lower():
             reason = f"truncated image ({reason})"
         raise ImageDecodeError(source, f"cannot decode: {reason}") from None
-    return rgb
+    return out
 
 
 def is_image_path(path: Path) -> bool:

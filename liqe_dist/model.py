@@ -104,7 +104,7 @@ class LIQE(nn.Module):
         if text_context == "cut":
             tokens = cut_tokens(tokens)
         self.register_buffer("prompt_tokens", tokens, persistent=False)
-        self.clip.logit_scale.requires_grad_(not freeze_logit_scale)
+        set_logit_scale_trainable(self.clip, not freeze_logit_scale)
         self._text_cache: torch.Tensor | None = None
 
     # -- encoders ---------------------------------------------------------------------------
@@ -164,6 +164,21 @@ class LIQE(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
+def set_logit_scale_trainable(clip: nn.Module, trainable: bool) -> None:
+    """Make CLIP's logit scale (1/tau_1) a buffer when frozen, a 1-element parameter when trained.
+
+    A frozen scale is not a parameter at all, so optimisers and DeepSpeed never see it; the
+    state-dict key and 0-dim shape stay the same, so checkpoints load either way. A trained one
+    has shape [1] because DeepSpeed cannot broadcast 0-dim parameters.
+    """
+    value = clip.logit_scale.detach().reshape(()).clone()
+    del clip.logit_scale
+    if trainable:
+        clip.logit_scale = nn.Parameter(value.reshape(1))
+    else:
+        clip.register_buffer("logit_scale", value)
+
+
 def build_clip(name: str, pretrained: str | None = None, quick_gelu: bool | None = None) -> nn.Module:
     """An open_clip model by name, weights from ``pretrained`` (a tag or file) or random."""
     kwargs = {"force_quick_gelu": True} if quick_gelu else {}
@@ -186,5 +201,5 @@ def build_model(cfg: ModelConfig) -> LIQE:
     else:
         clip = build_clip(cfg.name, cfg.pretrained, cfg.quick_gelu)
         model = LIQE(clip, cfg.vocabulary(), text_context=cfg.text_context)
-    model.clip.logit_scale.requires_grad_(not cfg.freeze_logit_scale)
+    set_logit_scale_trainable(model.clip, not cfg.freeze_logit_scale)
     return model.to(PRECISIONS[cfg.precision])

@@ -66,12 +66,15 @@ def test_two_level_ablation_scores_in_1_2(tiny_clip):
 def test_logit_scale_frozen_by_default_and_encoders_trainable(tiny_clip):
     model = LIQE(tiny_clip).train()
     assert not model.clip.logit_scale.requires_grad
+    assert "clip.logit_scale" not in dict(model.named_parameters())  # a buffer: no optimiser sees it
+    assert "logit_scale" in model.clip.state_dict()
     out = model(crops(2, 1))
     out.score.sum().backward()
     assert model.clip.visual.conv1.weight.grad.abs().sum() > 0
     assert model.clip.token_embedding.weight.grad.abs().sum() > 0
     assert model.clip.logit_scale.grad is None
-    assert LIQE(tiny_clip, freeze_logit_scale=False).clip.logit_scale.requires_grad
+    trained = LIQE(tiny_clip, freeze_logit_scale=False)
+    assert trained.clip.logit_scale.requires_grad and trained.clip.logit_scale.shape == (1,)
 
 
 def test_text_embeddings_cached_at_inference_only(tiny_liqe, tiny_clip_state):

@@ -23,10 +23,11 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from ..images import MAX_PIXELS, ImageDecodeError, decode_image
+from ..images import MAX_PIXELS
 from ..vocabulary import VOCABULARY_VERSION
 from .records import Record, labels_to_json
 from .splits import assign_splits, split_summary
+from .validate import validate_record
 
 log = logging.getLogger(__name__)
 
@@ -76,25 +77,6 @@ def check_unique_keys(records: list[Record]) -> None:
         if r.key in seen:
             raise ValueError(f"duplicate key {r.key!r}: {seen[r.key]} and {r.source}")
         seen[r.key] = r.source
-
-
-def _validate(args: tuple[Record, int]) -> tuple[bytes | None, tuple[int, int] | None, str]:
-    """Worker: read and decode one image. Returns (bytes, (w, h), "") or (None, None, reason)."""
-    rec, max_pixels = args
-    try:
-        if rec.data is not None:
-            data = rec.data
-        else:
-            try:
-                data = Path(rec.path).read_bytes()
-            except FileNotFoundError:
-                return None, None, "file not found"
-            except OSError as exc:
-                return None, None, f"cannot read file ({exc.strerror})"
-        img = decode_image(data, rec.path or rec.key, max_pixels=max_pixels)
-        return data, img.size, ""
-    except ImageDecodeError as exc:
-        return None, None, exc.reason
 
 
 def _fingerprint(records: list[Record], cfg: PackConfig) -> str:
@@ -181,11 +163,13 @@ def pack_records(records: list[Record], out_dir: Path, dataset: str, source: dic
     written: list[Record] = []
     mos_values = []
     jobs = ((r, cfg.max_pixels) for r in records)
-    ctx = mp.get_context("spawn") if cfg.workers > 1 else None
+    # fork: workers start at once (spawn re-imports the caller's modules, torch included, which
+    # costs seconds per worker); they only run PIL decoders, which are fork-safe.
+    ctx = mp.get_context("fork") if cfg.workers > 1 else None
     pool = ctx.Pool(cfg.workers) if ctx else None
     started = time.perf_counter()
     try:
-        results = pool.imap(_validate, jobs, chunksize=8) if pool else map(_validate, jobs)
+        results = pool.imap(validate_record, jobs, chunksize=8) if pool else map(validate_record, jobs)
         for rec, (data, size, reason) in tqdm(zip(records, results), total=len(records), unit="img",
                                               desc=f"packing {dataset}", disable=not progress):
             if data is None:

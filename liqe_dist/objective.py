@@ -1,0 +1,60 @@
+"""The multitask objective of one step, over the global batch of all ranks (eqs. 2-10).
+
+Each rank encodes its own images and only its slice of the prompts; prompt embeddings and
+per-image logits are all-gathered with autograd, so every rank forms the same quality pairs
+(within each dataset, across ranks) and the same global means, and computes the identical loss.
+See :mod:`liqe_dist.distributed` for why the resulting gradients are exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .distributed import all_gather_cat, all_gather_cat_nograd, rank, shard_range, world_size
+from .losses import LossTerm, distortion_loss, quality_loss, scene_loss
+from .model import LIQE, LIQEOutput, predictions_from_logits
+
+TASKS = ("quality", "scene", "distortion")
+
+
+def prompt_embeddings(model: LIQE, shard: bool = True) -> torch.Tensor:
+    """All V prompt embeddings ``[V, K]``; with ``shard`` each rank encodes V/W of them and the
+    pieces are all-gathered (differentiably)."""
+    if not shard or world_size() == 1:
+        return model.encode_prompts()
+    start, stop = shard_range(model.prompt_tokens.shape[0], world_size(), rank())
+    return all_gather_cat(model.encode_prompts(start, stop))
+
+
+def global_outputs(model: LIQE, images: torch.Tensor, text_emb: torch.Tensor) -> LIQEOutput:
+    """Predictions for the images of every rank ``[B_global, ...]`` (rank order)."""
+    local = model.joint_logits(model.encode_images(images), text_emb)
+    return predictions_from_logits(all_gather_cat(local), model.vocabulary)
+
+
+def gather_labels(batch: dict) -> dict[str, torch.Tensor]:
+    """The label tensors of every rank's batch, concatenated in rank order."""
+    names = ("dataset", "mos", "has_mos", "scenes", "has_scenes", "distortion", "has_distortion")
+    return {n: all_gather_cat_nograd(batch[n]) for n in names}
+
+
+def task_losses(out: LIQEOutput, labels: dict[str, torch.Tensor], tasks: tuple[str, ...]) -> dict[str, LossTerm]:
+    """The loss terms (sums and counts) of the tasks that are on, over the global batch."""
+    terms = {}
+    if "quality" in tasks:
+        terms["quality"] = quality_loss(out.score, labels["mos"], labels["dataset"], labels["has_mos"])
+    if "scene" in tasks:
+        terms["scene"] = scene_loss(out.scene, labels["scenes"], labels["has_scenes"])
+    if "distortion" in tasks:
+        terms["distortion"] = distortion_loss(out.distortion, labels["distortion"], labels["has_distortion"])
+    return terms
+
+
+def step_losses(model: LIQE, batch: dict, tasks: tuple[str, ...] = TASKS, shard_prompts: bool = True,
+                text_emb: torch.Tensor | None = None) -> tuple[dict[str, LossTerm], LIQEOutput]:
+    """Loss terms and global predictions for one step. ``text_emb`` (e.g. precomputed for a frozen
+    text encoder) replaces the prompt encoding."""
+    if text_emb is None:
+        text_emb = prompt_embeddings(model, shard_prompts)
+    out = global_outputs(model, batch["images"], text_emb)
+    return task_losses(out, gather_labels(batch), tasks), out
