@@ -110,6 +110,26 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .config import ConfigError, load_yaml
+    from .ray_launch import run_training
+    from .train_config import TrainConfig
+
+    try:
+        cfg = load_yaml(TrainConfig, args.config)
+        if args.workers:
+            cfg = dataclasses.replace(cfg, workers=args.workers)
+    except (ConfigError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    metrics = run_training(cfg, address=args.address)
+    best = {k[5:]: v for k, v in metrics.items() if k.startswith("best/") and k.endswith("srcc")}
+    log.info("finished: %s; outputs in %s", ", ".join(f"{k} {v:.3f}" for k, v in best.items()), cfg.run_dir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liqe-dist", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -153,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = shards.add_parser("info", help="summary table of the shard sets under a folder")
     p.add_argument("root", nargs="?", default="shards")
     p.set_defaults(func=cmd_shards_info)
+
+    p = sub.add_parser("train", help="distributed training (Ray Train + DeepSpeed) from a YAML config")
+    p.add_argument("--config", required=True, help="YAML file (see launch/configs/)")
+    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--workers", type=int, help="override the config's number of data-parallel workers")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("make-synthetic", help="write the synthetic demo dataset (images + labels.csv)")
     p.add_argument("out")

@@ -42,13 +42,15 @@ def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> tuple[np.ndarray, str]:
     """Predictions mapped onto the MOS scale, and a note ("" when the fit succeeded)."""
     if np.ptp(pred) == 0:
         return np.full_like(mos, mos.mean(), dtype=float), "constant predictions: no logistic fit possible"
+    if pred.size <= 4:
+        return pred.astype(float), f"only {pred.size} images: too few for the 4-parameter fit; PLCC/RMSE on raw predictions"
     p0 = [mos.max(), mos.min(), pred.mean(), pred.std() or 1.0]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optimize.OptimizeWarning)
             params, _ = optimize.curve_fit(logistic4, pred, mos, p0=p0, maxfev=20000)
         return logistic4(pred, *params), ""
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, TypeError) as exc:
         return pred.astype(float), f"logistic fit failed ({exc}); PLCC/RMSE on raw predictions"
 
 

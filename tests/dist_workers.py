@@ -91,3 +91,14 @@ def invariance_rank(rank: int, world: int, port: int, workdir: str, stage: int, 
                     "counts": {k: t.count for k, t in terms.items()}}, workdir / f"result_{world}_{stage}.pt")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def train_rank(rank: int, world: int, port: int, cfg_dict: dict) -> None:
+    """Run the training loop on this rank (as Ray Train or torchrun would)."""
+    from liqe_dist.config import from_dict
+    from liqe_dist.train_config import TrainConfig
+    from liqe_dist.trainer import train_worker
+
+    init_rank(rank, world, port)
+    train_worker(from_dict(TrainConfig, cfg_dict))
+    dist.destroy_process_group()

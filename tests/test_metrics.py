@@ -40,6 +40,12 @@ def test_constant_predictions_reported_not_raised():
     assert c.rmse == pytest.approx(np.std(np.arange(10.0)))
 
 
+def test_fewer_points_than_fit_parameters():
+    c = correlation([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
+    assert c.srcc == pytest.approx(0.5) and "too few for the 4-parameter fit" in c.note
+    assert c.plcc == pytest.approx(np.corrcoef([1, 2, 3], [1, 3, 2])[0, 1])
+
+
 def test_too_few_and_mismatched():
     assert "at least 3" in correlation([1, 2], [1, 2]).note
     with pytest.raises(ValueError, match="differ in length"):

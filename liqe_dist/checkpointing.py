@@ -1,0 +1,108 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is a folder ``step-<N>/``:
+
+* ``model.safetensors``: the LIQE weights (project format, also loadable by ``liqe-dist score``);
+* ``rank-<r>.pt``: that rank's optimizer state (a ZeRO partition under ZeRO-1/2), LR scheduler,
+  task weighting, step, data seed and RNG states.
+
+``rank-<r>.pt`` is read with ``torch.load(weights_only=True)``; the only non-tensor objects a
+DeepSpeed ZeRO optimizer state holds (its loss scaler, stage enum and fragment addresses) are
+allowed by name, nothing else is unpickled.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_weights, save_weights
+
+
+def _allow_deepspeed_types() -> None:
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return
+    torch.serialization.add_safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = np.random.get_state()
+    np.random.set_state((np_state[0], state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": torch.tensor(np_state[2]),
+            "python": torch.tensor(random.getstate()[1], dtype=torch.int64)}
+
+
+def save_training_checkpoint(folder: str | Path, engine, scheduler, weighting, step: int, rank: int,
+                             model_name: str, extra: dict | None = None) -> Path:
+    """Write this rank's part of checkpoint ``folder/step-<step>`` (rank 0 also the weights).
+    Every rank must call it (ZeRO partitions live on every rank)."""
+    ckpt = Path(folder) / f"step-{step:08d}"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        save_weights(engine.module, ckpt / "model.safetensors", model_name, extra={"step": step})
+    state = {
+        "step": torch.tensor(step),
+        "optimizer": engine.optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "weighting": weighting.state_dict(),
+        "rng": _rng_state(),
+        "extra": extra or {},
+    }
+    tmp = ckpt / f"rank-{rank}.pt.partial"
+    torch.save(state, tmp)
+    tmp.replace(ckpt / f"rank-{rank}.pt")
+    return ckpt
+
+
+def latest_checkpoint(folder: str | Path, world: int) -> Path | None:
+    """The newest ``step-*`` folder under ``folder`` that every rank finished writing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    for ckpt in sorted(folder.glob("step-*"), reverse=True):
+        if (ckpt / "model.safetensors").exists() and all((ckpt / f"rank-{r}.pt").exists() for r in range(world)):
+            return ckpt
+    return None
+
+
+def load_training_checkpoint(ckpt: str | Path, engine, scheduler, weighting, rank: int, world: int) -> dict:
+    """Restore model, this rank's optimizer state, scheduler, weighting and RNG; returns the
+    rank file's contents (``step``, ``extra``)."""
+    ckpt = Path(ckpt)
+    _allow_deepspeed_types()
+    state = torch.load(ckpt / f"rank-{rank}.pt", map_location="cpu", weights_only=True)
+    weights = load_weights(ckpt / "model.safetensors")
+    engine.module.clip.load_state_dict(weights.clip.state_dict())
+    opt = engine.optimizer
+    if hasattr(opt, "single_partition_of_fp32_groups"):  # DeepSpeed ZeRO-1/2: this rank's partition
+        parts = [state["optimizer"] if r == rank else None for r in range(world)]
+        opt.load_state_dict(parts, load_optimizer_states=True, load_from_fp32_weights=True)
+    else:
+        opt.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"]:
+        scheduler.load_state_dict(state["scheduler"])
+    weighting.load_state_dict(state["weighting"])
+    set_rng_state(state["rng"])
+    return state
+
+
+def prune_checkpoints(folder: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints."""
+    ckpts = sorted(Path(folder).glob("step-*"))
+    for old in ckpts[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,79 @@
+"""Running training on a Ray cluster: a Ray Train TorchTrainer whose workers run
+:func:`liqe_dist.trainer.train_worker` (each building its own DeepSpeed engine).
+
+A local cluster is started unless ``address`` names one (``ray start --head`` on a SLURM node).
+Checkpoints live in the run folder (a shared file system on clusters); when a worker dies, Ray
+restarts the worker group (``max_failures`` times) and the loop resumes from the newest
+checkpoint that every rank finished.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .config import from_dict, to_dict
+from .train_config import TrainConfig
+
+
+def _train_loop(loop_config: dict) -> None:
+    import ray.train
+
+    from .logs import setup_logging
+    from .trainer import train_worker
+
+    setup_logging()
+    cfg = from_dict(TrainConfig, loop_config["config"])
+    train_worker(cfg, report=ray.train.report)
+
+
+def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
+    """Train with ``cfg.workers`` Ray Train workers; returns the last reported metrics."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:  # a private local cluster, bound to this machine only
+            cpus = max(os.cpu_count() or 1, int(cfg.workers * cfg.cpus_per_worker) + 1)
+            ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    run_dir = Path(cfg.run_dir).resolve()
+    cfg_dict = to_dict(cfg)
+    cfg_dict["out_dir"] = str(Path(cfg.out_dir).resolve())  # workers may start in another folder
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"config": cfg_dict},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.name, storage_path=str(run_dir.parent / "ray"),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+    )
+    trainer.fit()
+    return run_summary(run_dir)
+
+
+def run_summary(run_dir: str | Path) -> dict:
+    """The last step's metrics, the last evaluation and the best one (``best/...``) of a run,
+    read from its folder (Ray Train V2 keeps metrics only for reports with Ray checkpoints; this
+    project's checkpoints live in the run folder)."""
+    import csv
+    import json
+
+    run_dir = Path(run_dir)
+    out: dict = {}
+    for name in ("steps.csv", "eval.csv"):
+        path = run_dir / name
+        if path.exists():
+            rows = list(csv.DictReader(open(path)))
+            if rows:
+                out.update({k: float(v) for k, v in rows[-1].items() if v not in ("", None)})
+    best = run_dir / "best.json"
+    if best.exists():
+        out.update({f"best/{k}": v for k, v in json.loads(best.read_text()).items()})
+    if "step" in out:
+        out["step"] = int(out["step"])
+    return out

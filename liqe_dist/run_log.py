@@ -1,0 +1,114 @@
+"""What a training run leaves for people: readable log lines, CSVs, and plots.
+
+``steps.csv`` (one row per step), ``eval.csv`` (one row per evaluation), ``events.jsonl``
+(start/resume/finish), ``predictions/step-N.csv`` (test-split scores), and at the end
+``curves.png`` (losses and task weights over steps) and ``scatter.png`` (score vs MOS per
+dataset, from the last test evaluation). Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger("liqe_dist.train")
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, enabled: bool = True, every: int = 10):
+        self.dir = Path(run_dir)
+        self.enabled = enabled
+        self.every = every
+        if enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _append(self, name: str, row: dict) -> None:
+        path = self.dir / name
+        new = not path.exists()
+        fields = list(row)
+        if not new:
+            with open(path) as f:
+                fields = next(csv.reader(f), fields)
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def event(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.dir / "events.jsonl", "a") as f:
+                f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **row}) + "\n")
+
+    def step(self, m: dict) -> None:
+        if not self.enabled:
+            return
+        self._append("steps.csv", m)
+        if m["step"] % self.every == 0 or m["step"] == 1:
+            losses = " ".join(f"{k[5:]} {v:.4f}" for k, v in m.items() if k.startswith("loss/"))
+            lams = " ".join(f"{v:.3f}" for k, v in m.items() if k.startswith("lambda/"))
+            log.info("step %d (epoch %d)  loss %.4f [%s]  lambda [%s]  lr %.2e  %.1f img/s%s", m["step"], m["epoch"],
+                     m["loss"], losses, lams, m["lr"], m["images_per_second"],
+                     f"  skipped {m['skipped_samples']}" if m["skipped_samples"] else "")
+
+    def eval(self, m: dict) -> None:
+        if not self.enabled:
+            return
+        row = {k: v for k, v in m.items() if k in ("step", "epoch") or k.startswith(("val/", "test/"))}
+        self._append("eval.csv", row)
+        parts = [f"{k} {v:.3f}" for k, v in row.items() if k.endswith(("srcc", "plcc")) and "/mean" not in k]
+        log.info("eval at step %d: %s", m["step"], "  ".join(parts))
+
+    def predictions(self, step: int, results: dict) -> None:
+        if not self.enabled:
+            return
+        folder = self.dir / "predictions"
+        folder.mkdir(exist_ok=True)
+        with open(folder / f"step-{step:08d}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["dataset", "key", "score", "mos"])
+            for name, ev in results.items():
+                for k, s, mos in zip(ev.keys, ev.score, ev.mos):
+                    w.writerow([name, k, f"{s:.6f}", mos])
+
+    def plots(self) -> None:
+        """``curves.png`` and ``scatter.png`` from the CSVs (rank 0, end of run)."""
+        if not self.enabled or not (self.dir / "steps.csv").exists():
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = list(csv.DictReader(open(self.dir / "steps.csv")))
+        steps = [int(r["step"]) for r in rows]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+        for key in rows[0]:
+            if key.startswith("loss/") or key == "loss":
+                a.plot(steps, [float(r[key]) if r[key] else float("nan") for r in rows], label=key)
+            if key.startswith("lambda/"):
+                b.plot(steps, [float(r[key]) for r in rows], label=key[7:])
+        a.set(xlabel="step", ylabel="loss", title="training losses")
+        b.set(xlabel="step", ylabel="weight", title="task weights (lambda)")
+        a.legend()
+        b.legend()
+        fig.tight_layout()
+        fig.savefig(self.dir / "curves.png", dpi=110)
+        plt.close(fig)
+        preds = sorted((self.dir / "predictions").glob("step-*.csv"))
+        if not preds:
+            return
+        data: dict[str, list[tuple[float, float]]] = {}
+        for r in csv.DictReader(open(preds[-1])):
+            if r["mos"] not in ("", "nan"):
+                data.setdefault(r["dataset"], []).append((float(r["score"]), float(r["mos"])))
+        fig, axes = plt.subplots(1, len(data), figsize=(4.5 * len(data), 4), squeeze=False)
+        for ax, (name, pts) in zip(axes[0], data.items()):
+            ax.scatter([p[1] for p in pts], [p[0] for p in pts], s=12, alpha=0.7)
+            ax.set(xlabel="MOS", ylabel="predicted quality q_hat", title=f"{name} (test, {preds[-1].stem})")
+        fig.tight_layout()
+        fig.savefig(self.dir / "scatter.png", dpi=110)
+        plt.close(fig)

@@ -1,0 +1,77 @@
+"""The typed configuration of a training run (``liqe-dist train --config FILE.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .crops import CropConfig
+from .engine import OptimConfig
+from .model import ModelConfig
+from .weighting import WeightingConfig
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A packed shard set and its per-rank mini-batch size (reference: 4 for LIVE, CSIQ, BID,
+    CLIVE; 16 for KonIQ-10k and KADID-10k)."""
+
+    name: str
+    shards: str
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"datasets.{self.name}.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs; defaults are the reference recipe where it has one."""
+
+    datasets: list[DatasetSpec]
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    crops: CropConfig = field(default_factory=CropConfig)
+    split: int = 0                  # which of the ten splits (0-based)
+    epochs: int = 80
+    steps_per_epoch: int = 200
+    seed: int = 0
+    workers: int = 2                # data-parallel ranks (Ray Train workers)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    loader_workers: int = 0         # DataLoader processes per rank
+    shuffle_buffer: int = 256
+    shard_prompts: bool = True      # each rank encodes V/W prompts (exact either way)
+    freeze_text: bool = False       # ablation 3: text encoder frozen, prompts encoded once
+    checkpoint_every: int = 100     # steps
+    keep_checkpoints: int = 2
+    eval_every_epochs: int = 1
+    eval_batch: int = 8
+    eval_parts: tuple[str, ...] = ("val", "test")
+    max_failures: int = 2           # worker-group restarts from the latest checkpoint
+    out_dir: str = "runs/train"
+    name: str = "liqe"
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ValueError("datasets: at least one dataset is needed")
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"datasets: names must be unique, got {names}")
+        for key in ("epochs", "steps_per_epoch", "workers", "checkpoint_every", "eval_batch"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.split < 10:
+            raise ValueError(f"split must be 0..9, got {self.split}")
+        bad = set(self.eval_parts) - {"val", "test"}
+        if bad:
+            raise ValueError(f"eval_parts: unknown part(s) {sorted(bad)}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.out_dir}/{self.name}"

@@ -1,0 +1,176 @@
+"""The training loop one data-parallel rank runs (inside Ray Train, torchrun, or spawned ranks).
+
+step: per-dataset mini-batches (this rank's share) -> sharded prompts + local images -> global
+logits -> multitask loss (eq. 10) with the current task weights -> DeepSpeed backward/step ->
+task losses to the weighting (period statistics all-reduced, weights checked equal on all ranks)
+-> checkpoint every N steps -> evaluation on val/test each epoch -> best model by mean val SRCC.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from .checkpoint import save_weights
+from .checkpointing import latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_training_checkpoint
+from .distributed import all_reduce_sum, assert_same_on_all_ranks, is_distributed, rank, world_size
+from .engine import build_engine
+from .evaluation import DatasetEval, evaluate_shards
+from .losses import weighted_total
+from .metrics import correlation
+from .model import LIQE, build_model
+from .objective import step_losses
+from .data.stream import TrainBatches, TrainSource
+from .run_log import RunLog
+from .train_config import TrainConfig
+from .weighting import build_weighting
+
+log = logging.getLogger(__name__)
+
+Reporter = Callable[[dict], None]
+
+
+def freeze_text_encoder(model: LIQE) -> None:
+    """Ablation 3 (Table 4): the language encoder is not trained."""
+    visual = {id(p) for p in model.clip.visual.parameters()}
+    for p in model.clip.parameters():
+        if id(p) not in visual:
+            p.requires_grad_(False)
+
+
+def evaluate_all_ranks(model: LIQE, cfg: TrainConfig, part: str) -> dict[str, DatasetEval]:
+    """Each rank scores its exact-once share; predictions are gathered so every rank holds the
+    whole part and the same criteria."""
+    shards = [d.shards for d in cfg.datasets]
+    local = evaluate_shards(model, shards, cfg.split, part, cfg.crops, cfg.eval_batch, rank=rank(),
+                            world=world_size(), progress=False)
+    if is_distributed():
+        gathered: list = [None] * world_size()
+        dist.all_gather_object(gathered, local)
+    else:
+        gathered = [local]
+    merged = {}
+    for name in local:
+        ev = DatasetEval(name)
+        for part_result in gathered:
+            other = part_result[name]
+            ev.keys += other.keys
+            ev.score += other.score
+            ev.mos += other.mos
+            for field in ("scene_hits", "scene_labels", "distortion_hits", "distortion_labels", "skipped"):
+                setattr(ev, field, getattr(ev, field) + getattr(other, field))
+        mos = np.array(ev.mos)
+        ok = ~np.isnan(mos)
+        ev.quality = correlation(np.array(ev.score)[ok], mos[ok])
+        merged[name] = ev
+    return merged
+
+
+def _eval_metrics(results: dict[str, DatasetEval], part: str) -> dict[str, float]:
+    out = {}
+    for name, ev in results.items():
+        out[f"{part}/{name}/srcc"] = ev.quality.srcc
+        out[f"{part}/{name}/plcc"] = ev.quality.plcc
+        out[f"{part}/{name}/scene_acc"] = ev.scene_accuracy
+        out[f"{part}/{name}/distortion_acc"] = ev.distortion_accuracy
+    srccs = [ev.quality.srcc for ev in results.values() if not math.isnan(ev.quality.srcc)]
+    out[f"{part}/mean_srcc"] = float(np.mean(srccs)) if srccs else float("nan")
+    return out
+
+
+def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
+    """Run (or resume) training on this rank; returns the final metrics."""
+    r, world = rank(), world_size()
+    run_dir = Path(cfg.run_dir)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = build_model(cfg.model).train()
+    if cfg.freeze_text:
+        freeze_text_encoder(model)
+    tasks = tuple(t for t in ("quality", "scene", "distortion") if t in cfg.model.tasks)
+    engine, _, scheduler = build_engine(model, cfg.optim, cfg.total_steps)
+    weighting = build_weighting(cfg.weighting, tasks, cfg.steps_per_epoch, cfg.epochs)
+    ckpt_dir = run_dir / "checkpoints"
+    step, best = 0, {"val/mean_srcc": -math.inf}
+    latest = latest_checkpoint(ckpt_dir, world)
+    if latest is not None:
+        state = load_training_checkpoint(latest, engine, scheduler, weighting, r, world)
+        step = int(state["step"])
+        best = {k: float(v) for k, v in state["extra"].get("best", best).items()}
+        if r == 0:
+            log.info("resumed from %s at step %d", latest, step)
+    runlog = RunLog(run_dir, enabled=(r == 0))
+    runlog.event({"event": "start" if step == 0 else "resume", "step": step, "world": world})
+    text_emb = None
+    if cfg.freeze_text:
+        with torch.no_grad():
+            text_emb = engine.module.encode_prompts()
+    # A resumed run draws new samples (its seed includes the step) rather than replaying old ones.
+    data = TrainBatches([TrainSource(d.shards, d.batch_size) for d in cfg.datasets], cfg.split, cfg.crops,
+                        seed=cfg.seed * 1_000_003 + step, rank=r, world=world, shuffle_buffer=cfg.shuffle_buffer)
+    batches = iter(DataLoader(data, batch_size=None, num_workers=cfg.loader_workers))
+    metrics: dict = {}
+    while step < cfg.total_steps:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        lam = weighting.weights()
+        terms, _ = step_losses(engine.module, batch, tasks, cfg.shard_prompts, text_emb)
+        loss = weighted_total(terms, lam)
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        weighting.observe({k: t.mean.item() for k, t in terms.items() if t.count > 0}, reduce=all_reduce_sum)
+        assert_same_on_all_ranks(torch.tensor([weighting.weights()[t] for t in tasks]), "task weights")
+        images = int(all_reduce_sum(torch.tensor(batch["images"].shape[0])).item())
+        skipped = int(all_reduce_sum(torch.tensor(batch["skipped"])).item())
+        dt = time.perf_counter() - t0
+        metrics = {"step": step, "epoch": (step - 1) // cfg.steps_per_epoch + 1, "loss": loss.item(),
+                   **{f"loss/{k}": t.mean.item() for k, t in terms.items()},
+                   **{f"lambda/{k}": v for k, v in lam.items()},
+                   "lr": scheduler.get_last_lr()[0], "step_seconds": dt, "images_per_second": images / dt,
+                   "skipped_samples": skipped}
+        runlog.step(metrics)
+        epoch_end = step % cfg.steps_per_epoch == 0
+        evaluated = False
+        if (epoch_end and (step // cfg.steps_per_epoch) % cfg.eval_every_epochs == 0) or step == cfg.total_steps:
+            for part in cfg.eval_parts:
+                results = evaluate_all_ranks(engine.module, cfg, part)
+                metrics.update(_eval_metrics(results, part))
+                if part == "test":
+                    runlog.predictions(step, results)
+            engine.module.train()
+            evaluated = True
+            runlog.eval(metrics)
+            # Best = highest mean val SRCC; a val split too small to rank (NaN) makes the latest best.
+            val = metrics.get("val/mean_srcc", math.nan)
+            if math.isnan(val) or math.isnan(best["val/mean_srcc"]) or val > best["val/mean_srcc"]:
+                best = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
+                best["step"] = step
+                if r == 0:
+                    save_weights(engine.module, run_dir / "best.safetensors", cfg.model.name, extra={"step": step})
+        if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+            save_training_checkpoint(ckpt_dir, engine, scheduler, weighting, step, r, cfg.model.name,
+                                     extra={"best": {k: float(v) for k, v in best.items()}})
+            if is_distributed():
+                dist.barrier()
+            if r == 0:
+                prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+        if report is not None and (evaluated or step == cfg.total_steps):
+            report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    if r == 0:
+        save_weights(engine.module, run_dir / "final.safetensors", cfg.model.name, extra={"step": step})
+        (run_dir / "best.json").write_text(json.dumps(best, indent=1))
+        runlog.plots()
+    runlog.event({"event": "finish", "step": step})
+    return {**metrics, **{f"best/{k}": v for k, v in best.items()}}
