@@ -38,6 +38,27 @@ class RunLog:
                 w.writeheader()
             w.writerow(row)
 
+    def rewind(self, step: int) -> int:
+        """Drop rows after ``step`` (steps a crashed run did after its last checkpoint, about to
+        be redone), so every step appears once; returns how many step rows were dropped."""
+        if not self.enabled:
+            return 0
+        dropped = 0
+        for name in ("steps.csv", "eval.csv"):
+            path = self.dir / name
+            if not path.exists():
+                continue
+            rows = list(csv.DictReader(open(path)))
+            keep = [r for r in rows if int(r["step"]) <= step]
+            if name == "steps.csv":
+                dropped = len(rows) - len(keep)
+            if len(keep) != len(rows):
+                with open(path, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                    w.writeheader()
+                    w.writerows(keep)
+        return dropped
+
     def event(self, row: dict) -> None:
         if self.enabled:
             with open(self.dir / "events.jsonl", "a") as f:

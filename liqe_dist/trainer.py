@@ -111,7 +111,8 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
         if r == 0:
             log.info("resumed from %s at step %d", latest, step)
     runlog = RunLog(run_dir, enabled=(r == 0))
-    runlog.event({"event": "start" if step == 0 else "resume", "step": step, "world": world})
+    redone = runlog.rewind(step)
+    runlog.event({"event": "start" if step == 0 else "resume", "step": step, "world": world, "redone_steps": redone})
     text_emb = None
     if cfg.freeze_text:
         with torch.no_grad():

@@ -36,3 +36,17 @@ def test_distortion_is_deterministic_and_validated():
         distort(img, "lens flare", 1)
     with pytest.raises(ValueError, match="level"):
         distort(img, "blur", 6)
+
+
+def test_written_dataset_reads_back_through_the_generic_adapter(tmp_path):
+    from liqe_dist.data.adapters import read_dataset
+    from liqe_dist.data.synthetic import write_synthetic_dataset
+
+    table = write_synthetic_dataset(tmp_path / "syn", references=1, workers=1, progress=False)
+    recs = read_dataset("csv", table, "synthetic")
+    assert len(recs) == 1 + len(DISTORTIONS) * LEVELS
+    assert {r.reference for r in recs} == {REFERENCES[0].reference_id}
+    assert all(r.scenes == REFERENCES[0].scenes for r in recs)
+    pristine = [r for r in recs if r.mos == 100.0]
+    assert len(pristine) == 1 and pristine[0].distortion == "other"
+    assert {r.distortion for r in recs} == set(COARSE)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch.multiprocessing as mp
@@ -58,14 +59,20 @@ def test_two_ranks_train_evaluate_checkpoint_and_resume(shards):
     for f in ("best.safetensors", "final.safetensors", "curves.png", "scatter.png", "best.json"):
         assert (run / f).exists(), f
     load_weights(run / "best.safetensors")
+    # a crash after step 12 but before its checkpoint: the run resumes at 8 and redoes 9..12
+    shutil.rmtree(run / "checkpoints" / "step-00000012")
+    mp.spawn(train_rank, args=(2, free_port(), to_dict(cfg)), nprocs=2, join=True)
+    assert [int(r["step"]) for r in rows(run / "steps.csv")] == list(range(1, 13))
+    assert [int(r["step"]) for r in rows(run / "eval.csv")] == [4, 8, 12]
     # extend the finished run: it resumes from step 12 instead of starting again
     more = config(base, a, b, epochs=4)
     mp.spawn(train_rank, args=(2, free_port(), to_dict(more)), nprocs=2, join=True)
     steps = rows(run / "steps.csv")
     assert [int(r["step"]) for r in steps] == list(range(1, 17))  # none repeated, none lost
     events = [json.loads(line) for line in open(run / "events.jsonl")]
-    assert [e["event"] for e in events] == ["start", "finish", "resume", "finish"]
-    assert events[2]["step"] == 12
+    assert [e["event"] for e in events] == ["start", "finish", "resume", "finish", "resume", "finish"]
+    assert (events[2]["step"], events[2]["redone_steps"]) == (8, 4)
+    assert (events[4]["step"], events[4]["redone_steps"]) == (12, 0)
     # the weighting state came back: lambda continues from the saved history, not from 1, 1, 1
     assert float(steps[12]["lambda/quality"]) != 1.0
 
