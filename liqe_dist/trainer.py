@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -92,6 +93,9 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
     """Run (or resume) training on this rank; returns the final metrics."""
     r, world = rank(), world_size()
     run_dir = Path(cfg.run_dir)
+    pids = run_dir / "pids"  # which process is which rank: for operators (and the kill test)
+    pids.mkdir(parents=True, exist_ok=True)
+    (pids / f"rank-{r}.pid").write_text(str(os.getpid()))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

@@ -91,3 +91,51 @@ def test_ray_train_two_workers(shards):
     steps = rows(base / "runs" / "ray" / "steps.csv")
     assert [int(r["step"]) for r in steps] == [1, 2, 3]
     assert (base / "runs" / "ray" / "checkpoints" / "step-00000003" / "rank-1.pt").exists()
+
+
+def test_killed_worker_resumes_from_checkpoint(shards):
+    """A rank killed mid-run (SIGKILL): Ray restarts the worker group, training resumes from the
+    newest checkpoint, finishes, and every step appears once in the log; at most one checkpoint
+    interval of steps is redone."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import ray
+    from liqe_dist.ray_launch import run_training
+
+    base, a, b = shards
+    cfg = config(base, a, b, name="kill", epochs=4, steps_per_epoch=4, checkpoint_every=4, max_failures=1,
+                 eval_parts=("test",))
+    run = base / "runs" / "kill"
+    killed = {}
+
+    def killer():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            try:
+                done = len(rows(run / "steps.csv"))
+            except (FileNotFoundError, StopIteration, KeyError):
+                done = 0
+            if done >= 6:
+                pid = int((run / "pids" / "rank-1.pid").read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.update(pid=pid, after=done)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        run_training(cfg)
+    finally:
+        ray.shutdown()
+    thread.join(timeout=5)
+    assert killed, "the worker was never killed"
+    assert [int(r["step"]) for r in rows(run / "steps.csv")] == list(range(1, 17))
+    events = [json.loads(line) for line in open(run / "events.jsonl")]
+    resumes = [e for e in events if e["event"] == "resume"]
+    assert len(resumes) == 1 and resumes[0]["step"] in (4, 8, 12)
+    assert resumes[0]["redone_steps"] <= 4  # no more than one checkpoint interval lost
+    assert events[-1] == {**events[-1], "event": "finish", "step": 16}
+    assert int((run / "pids" / "rank-1.pid").read_text()) != killed["pid"]  # a new process took over
