@@ -1,6 +1,7 @@
 """What a training run leaves for people: readable log lines, CSVs, and plots.
 
-``steps.csv`` (one row per step), ``eval.csv`` (one row per evaluation), ``events.jsonl``
+``steps.csv`` (one row per step), ``eval.csv`` (one row per evaluation), ``tb/`` (the same
+scalars for TensorBoard: ``tensorboard --logdir RUN_DIR/tb``), ``events.jsonl``
 (start/resume/finish), ``predictions/step-N.csv`` (test-split scores), and at the end
 ``curves.png`` (losses and task weights over steps) and ``scatter.png`` (score vs MOS per
 dataset, from the last test evaluation). Only rank 0 writes.
@@ -22,8 +23,18 @@ class RunLog:
         self.dir = Path(run_dir)
         self.enabled = enabled
         self.every = every
+        self._tb = None
         if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.dir / "tb"))
+
+    def _scalars(self, m: dict) -> None:
+        for k, v in m.items():
+            if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                self._tb.add_scalar(k, v, global_step=int(m["step"]))
+        self._tb.flush()
 
     def _append(self, name: str, row: dict) -> None:
         path = self.dir / name
@@ -68,6 +79,7 @@ class RunLog:
         if not self.enabled:
             return
         self._append("steps.csv", m)
+        self._scalars(m)
         if m["step"] % self.every == 0 or m["step"] == 1:
             losses = " ".join(f"{k[5:]} {v:.4f}" for k, v in m.items() if k.startswith("loss/"))
             lams = " ".join(f"{v:.3f}" for k, v in m.items() if k.startswith("lambda/"))
@@ -80,6 +92,7 @@ class RunLog:
             return
         row = {k: v for k, v in m.items() if k in ("step", "epoch") or k.startswith(("val/", "test/"))}
         self._append("eval.csv", row)
+        self._scalars(row)
         parts = [f"{k} {v:.3f}" for k, v in row.items() if k.endswith(("srcc", "plcc")) and "/mean" not in k]
         log.info("eval at step %d: %s", m["step"], "  ".join(parts))
 

@@ -59,6 +59,12 @@ def test_two_ranks_train_evaluate_checkpoint_and_resume(shards):
     for f in ("best.safetensors", "final.safetensors", "curves.png", "scatter.png", "best.json"):
         assert (run / f).exists(), f
     load_weights(run / "best.safetensors")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run / "tb"))
+    tb.Reload()
+    assert {"loss", "loss/quality", "lambda/scene", "test/a/srcc"} <= set(tb.Tags()["scalars"])
+    assert [e.step for e in tb.Scalars("loss")] == list(range(1, 13))
     # a crash after step 12 but before its checkpoint: the run resumes at 8 and redoes 9..12
     shutil.rmtree(run / "checkpoints" / "step-00000012")
     mp.spawn(train_rank, args=(2, free_port(), to_dict(cfg)), nprocs=2, join=True)
