@@ -36,6 +36,13 @@ class DatasetEval:
     skipped: int = 0
     quality: Correlation | None = None
 
+    def finish(self) -> "DatasetEval":
+        """Compute ``quality`` (SRCC/PLCC/...) over the images that have a MOS."""
+        mos = np.array(self.mos, dtype=float)
+        ok = ~np.isnan(mos)
+        self.quality = correlation(np.array(self.score, dtype=float)[ok], mos[ok])
+        return self
+
     @property
     def scene_accuracy(self) -> float:
         return self.scene_hits / self.scene_labels if self.scene_labels else float("nan")
@@ -81,9 +88,5 @@ def evaluate_shards(model: LIQE, shard_dirs: list[str | Path], split: int = 0, p
                     continue
                 _update(ev, batch, model(batch["images"]))
                 bar.update(len(batch["keys"]))
-        if world == 1:
-            mos = np.array(ev.mos)
-            ok = ~np.isnan(mos)
-            ev.quality = correlation(np.array(ev.score)[ok], mos[ok])
-        results[ev.dataset] = ev
+        results[ev.dataset] = ev.finish() if world == 1 else ev
     return results

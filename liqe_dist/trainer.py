@@ -28,7 +28,6 @@ from .distributed import all_reduce_sum, assert_same_on_all_ranks, is_distribute
 from .engine import build_engine
 from .evaluation import DatasetEval, evaluate_shards
 from .losses import weighted_total
-from .metrics import correlation
 from .model import LIQE, build_model
 from .objective import step_losses
 from .data.stream import TrainBatches, TrainSource
@@ -70,10 +69,7 @@ def evaluate_all_ranks(model: LIQE, cfg: TrainConfig, part: str) -> dict[str, Da
             ev.mos += other.mos
             for field in ("scene_hits", "scene_labels", "distortion_hits", "distortion_labels", "skipped"):
                 setattr(ev, field, getattr(ev, field) + getattr(other, field))
-        mos = np.array(ev.mos)
-        ok = ~np.isnan(mos)
-        ev.quality = correlation(np.array(ev.score)[ok], mos[ok])
-        merged[name] = ev
+        merged[name] = ev.finish()
     return merged
 
 
