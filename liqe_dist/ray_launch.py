@@ -2,6 +2,10 @@
 :func:`liqe_dist.trainer.train_worker` (each building its own DeepSpeed engine).
 
 A local cluster is started unless ``address`` names one (``ray start --head`` on a SLURM node).
+The local cluster listens on 127.0.0.1 only: on Linux Ray turns a loopback node address into the
+machine's outward address (and its servers then listen on every interface) unless it is told the
+cluster is single-machine, which :func:`start_local_cluster` does. Multi-node clusters need
+outward addresses; protect them with Ray's token authentication (``RAY_AUTH_MODE=token``).
 Checkpoints live in the run folder (a shared file system on clusters); when a worker dies, Ray
 restarts the worker group (``max_failures`` times) and the loop resumes from the newest
 checkpoint that every rank finished.
@@ -27,6 +31,26 @@ def _train_loop(loop_config: dict) -> None:
     train_worker(cfg, report=ray.train.report)
 
 
+_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch for "no multi-node"
+
+
+def start_local_cluster(cpus: int) -> None:
+    """Start a private Ray cluster on this machine whose servers listen on 127.0.0.1 only."""
+    import ray
+
+    os.environ[_SINGLE_MACHINE_ENV] = "0"
+    # Ray reads the switch when ray._private.ray_constants is first imported; set the attribute
+    # too for processes (tests, notebooks) that imported Ray before this call.
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != "127.0.0.1":
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray cluster registered at {node_ip}, not 127.0.0.1")
+
+
 def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     """Train with ``cfg.workers`` Ray Train workers; returns the last reported metrics."""
     import ray
@@ -37,9 +61,8 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     if not ray.is_initialized():
         if address:
             ray.init(address=address, log_to_driver=True)
-        else:  # a private local cluster, bound to this machine only
-            cpus = max(os.cpu_count() or 1, int(cfg.workers * cfg.cpus_per_worker) + 1)
-            ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        else:
+            start_local_cluster(max(os.cpu_count() or 1, int(cfg.workers * cfg.cpus_per_worker) + 1))
     run_dir = Path(cfg.run_dir).resolve()
     cfg_dict = to_dict(cfg)
     cfg_dict["out_dir"] = str(Path(cfg.out_dir).resolve())  # workers may start in another folder
@@ -48,7 +71,8 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
         train_loop_config={"config": cfg_dict},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                     placement_strategy=cfg.placement),
         run_config=RunConfig(name=cfg.name, storage_path=str(run_dir.parent / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )

@@ -40,6 +40,7 @@ class TrainConfig:
     workers: int = 2                # data-parallel ranks (Ray Train workers)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    placement: str = "PACK"         # Ray placement of the workers: PACK, SPREAD, STRICT_SPREAD (one per node)
     loader_workers: int = 0         # DataLoader processes per rank
     shuffle_buffer: int = 256
     shard_prompts: bool = True      # each rank encodes V/W prompts (exact either way)
@@ -64,6 +65,8 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.split < 10:
             raise ValueError(f"split must be 0..9, got {self.split}")
+        if self.placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"placement must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement!r}")
         bad = set(self.eval_parts) - {"val", "test"}
         if bad:
             raise ValueError(f"eval_parts: unknown part(s) {sorted(bad)}")

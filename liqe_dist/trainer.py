@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import socket
 import time
 from pathlib import Path
 from typing import Callable
@@ -85,13 +86,26 @@ def _eval_metrics(results: dict[str, DatasetEval], part: str) -> dict[str, float
     return out
 
 
+def _write_rank_info(folder: Path, r: int) -> None:
+    """``ranks/rank-R.json``: which process and node run rank R (for operators, and for the tests
+    that kill a rank or check placement)."""
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "node_ip": None}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            info["node_ip"] = ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank-{r}.json").write_text(json.dumps(info))
+
+
 def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
     """Run (or resume) training on this rank; returns the final metrics."""
     r, world = rank(), world_size()
     run_dir = Path(cfg.run_dir)
-    pids = run_dir / "pids"  # which process is which rank: for operators (and the kill test)
-    pids.mkdir(parents=True, exist_ok=True)
-    (pids / f"rank-{r}.pid").write_text(str(os.getpid()))
+    _write_rank_info(run_dir / "ranks", r)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

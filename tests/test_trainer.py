@@ -125,7 +125,7 @@ def test_killed_worker_resumes_from_checkpoint(shards):
             except (FileNotFoundError, StopIteration, KeyError):
                 done = 0
             if done >= 6:
-                pid = int((run / "pids" / "rank-1.pid").read_text())
+                pid = json.loads((run / "ranks" / "rank-1.json").read_text())["pid"]
                 os.kill(pid, signal.SIGKILL)
                 killed.update(pid=pid, after=done)
             time.sleep(0.05)
@@ -144,4 +144,4 @@ def test_killed_worker_resumes_from_checkpoint(shards):
     assert len(resumes) == 1 and resumes[0]["step"] in (4, 8, 12)
     assert resumes[0]["redone_steps"] <= 4  # no more than one checkpoint interval lost
     assert events[-1] == {**events[-1], "event": "finish", "step": 16}
-    assert int((run / "pids" / "rank-1.pid").read_text()) != killed["pid"]  # a new process took over
+    assert json.loads((run / "ranks" / "rank-1.json").read_text())["pid"] != killed["pid"]  # a new process took over
