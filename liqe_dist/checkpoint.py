@@ -27,6 +27,7 @@ from .vocabulary import VOCABULARY_VERSION, Vocabulary
 FORMAT = "liqe-dist/weights-1"
 _WRAPPER_KEYS = ("params", "model_state_dict", "state_dict", "model")
 _PREFIXES = ("module.", "clip_model.", "clip.", "model.")
+HEAD_PREFIX = "liqe_head."  # the linear head of ablation (6), next to CLIP's own keys
 _NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
@@ -50,13 +51,17 @@ def save_weights(model: LIQE, path: str | Path, model_name: str, extra: dict | N
         "quick_gelu": json.dumps(_uses_quick_gelu(model.clip)),
         "vocabulary": json.dumps({"qualities": model.vocabulary.qualities,
                                   "scenes": model.vocabulary.scenes,
-                                  "distortions": model.vocabulary.distortions}),
+                                  "distortions": model.vocabulary.distortions,
+                                  "separate": model.vocabulary.separate}),
         "vocabulary_version": VOCABULARY_VERSION,
         "text_context": "full" if model.prompt_tokens.shape[1] == _context(model.clip) else "cut",
         "extra": json.dumps(extra or {}),
+        "head": "prompts" if model.head is None else "linear",
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.clip.state_dict().items()}
     tensors["logit_scale"] = tensors["logit_scale"].reshape(())  # [1] when it was trained
+    if model.head is not None:
+        tensors.update({f"{HEAD_PREFIX}{k}": v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()})
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
@@ -125,18 +130,23 @@ def load_weights(path: str | Path, model_name: str = "ViT-B-32", vocabulary: Voc
     (ViT-B-32 for the released ones) and QuickGELU is used unless ``quick_gelu=False``.
     """
     state, meta = read_state_dict(path)
+    head = {k[len(HEAD_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(HEAD_PREFIX)}
     if meta.get("format") == FORMAT:
         model_name = meta["model_name"]
         _register_config(model_name, meta.get("model_cfg", ""))
         quick_gelu = json.loads(meta["quick_gelu"]) if quick_gelu is None else quick_gelu
         saved = json.loads(meta["vocabulary"])
-        vocabulary = Vocabulary(tuple(saved["qualities"]), tuple(saved["scenes"]), tuple(saved["distortions"]))
+        vocabulary = Vocabulary(tuple(saved["qualities"]), tuple(saved["scenes"]), tuple(saved["distortions"]),
+                                separate=bool(saved.get("separate", False)))
         text_context = meta.get("text_context", text_context)
     elif quick_gelu is None:
         quick_gelu = True  # OpenAI CLIP weights were trained with QuickGELU
     clip = build_clip(model_name, None, quick_gelu)
     _load_into(clip, state, path, model_name)
-    return LIQE(clip, vocabulary, text_context=text_context)
+    model = LIQE(clip, vocabulary, text_context=text_context, head="linear" if head else "prompts")
+    if head:
+        model.head.load_state_dict(head)
+    return model
 
 
 def _load_into(clip: torch.nn.Module, state: dict[str, torch.Tensor], path, model_name: str) -> None:

@@ -106,7 +106,7 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
 
     table = write_synthetic_dataset(args.out, references=args.references, workers=args.workers,
                                     progress=not args.no_progress)
-    log.info("wrote %s (pseudo-MOS = 100 x SSIM: a pipeline check, not human opinion)", table)
+    log.info("wrote %s (pseudo-MOS = mean 100 x SSIM per distortion and level: not human opinion)", table)
     return 0
 
 

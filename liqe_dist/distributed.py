@@ -13,6 +13,9 @@ are padded to the longest for the collective and trimmed after.
 
 from __future__ import annotations
 
+import os
+import socket
+
 import torch
 import torch.distributed as dist
 
@@ -79,6 +82,28 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return _AllGatherCat.apply(x)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_sum_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum of every rank's ``x`` (same shape on all ranks), differentiably; backward sums the
+    gradient over ranks, the same rule as :func:`all_gather_cat` (one collective, not three)."""
+    if not is_distributed() or world_size() == 1:
+        return x
+    return _AllReduceSum.apply(x)
+
+
 @torch.no_grad()
 def all_gather_cat_nograd(x: torch.Tensor) -> torch.Tensor:
     """:func:`all_gather_cat` for labels and other tensors that carry no gradient."""
@@ -105,3 +130,64 @@ def assert_same_on_all_ranks(x: torch.Tensor, what: str, atol: float = 0.0) -> N
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     if (hi - lo).abs().max().item() > atol:
         raise RuntimeError(f"{what} differs across ranks (max spread {(hi - lo).abs().max().item():.3g})")
+
+
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_local_rank(rank: int, world: int, port: int, threads: int = 1) -> None:
+    """Join a gloo process group of ``world`` processes on this machine (tests, benchmarks;
+    training itself gets its group from Ray Train), with the environment DeepSpeed reads."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+
+class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
+    """Batch norm whose training-mode statistics are those of the global batch (all ranks).
+
+    Per-rank statistics (plain data parallelism) would make each rank normalise differently
+    from one process on the union batch; ``SyncBatchNorm`` fixes that on GPUs only. Here the
+    per-channel sums are summed over ranks with :func:`all_reduce_sum_grad`, so gradients follow the same
+    exact rule as the rest of the objective, on gloo and nccl alike. Mean and variance take two
+    passes (sum, then squared deviations) like the single-process kernel. Same parameters and
+    buffers as ``BatchNorm2d``, so state dicts are interchangeable.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not is_distributed() or world_size() == 1:
+            return super().forward(x)
+        c = x.shape[1]
+        local = torch.cat([x.sum((0, 2, 3)), x.new_tensor([x.numel() / c])])
+        totals = all_reduce_sum_grad(local)
+        count = totals[c].detach()
+        mean = totals[:c] / count
+        centred = x - mean.view(1, c, 1, 1)
+        var = all_reduce_sum_grad((centred * centred).sum((0, 2, 3))) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.detach(), factor)
+                self.running_var.lerp_(var.detach() * count / (count - 1).clamp_min(1), factor)
+        y = centred * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
+        if self.affine:
+            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+        return y
+
+
+def use_global_batchnorm(module: torch.nn.Module) -> int:
+    """Turn every ``BatchNorm2d`` in ``module`` into a :class:`GlobalBatchNorm2d` in place
+    (weights and running statistics kept); returns how many were converted."""
+    converted = 0
+    for m in module.modules():
+        if type(m) is torch.nn.BatchNorm2d:
+            m.__class__ = GlobalBatchNorm2d
+            converted += 1
+    return converted

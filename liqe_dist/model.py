@@ -51,6 +51,8 @@ class ModelConfig:
     text_context: Literal["cut", "full"] = "cut"
     quality_levels: int = 5
     tasks: tuple[str, ...] = ("quality", "scene", "distortion")
+    separate_templates: bool = False  # ablation (4): one template and one softmax per task
+    head: Literal["prompts", "linear"] = "prompts"  # "linear": ablation (6), image encoder + FC layer
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -58,12 +60,18 @@ class ModelConfig:
         unknown = set(self.tasks) - {"quality", "scene", "distortion"}
         if unknown or not self.tasks:
             raise ValueError(f"model.tasks must be a non-empty subset of quality/scene/distortion, got {self.tasks}")
+        if self.head not in ("prompts", "linear"):
+            raise ValueError(f"model.head must be 'prompts' or 'linear', got {self.head!r}")
+        if self.head == "linear" and tuple(self.tasks) != ("quality",):
+            raise ValueError(f"model.head 'linear' (ablation 6) predicts quality only: set model.tasks to "
+                             f"[quality], got {list(self.tasks)}")
         if self.quality_levels not in (2, 5):
             raise ValueError(f"model.quality_levels must be 5 or 2, got {self.quality_levels}")
 
     def vocabulary(self) -> Vocabulary:
         return Vocabulary.for_tasks("quality" in self.tasks, "scene" in self.tasks,
-                                    "distortion" in self.tasks, levels=self.quality_levels)
+                                    "distortion" in self.tasks, levels=self.quality_levels,
+                                    separate=self.separate_templates)
 
 
 @dataclass
@@ -79,26 +87,60 @@ class LIQEOutput:
 
 
 def predictions_from_logits(logits: torch.Tensor, vocabulary: Vocabulary) -> LIQEOutput:
-    """Joint softmax, marginals and q_hat from scaled logits ``[B, V]``."""
+    """Joint softmax, marginals and q_hat from scaled logits ``[B, V]``.
+
+    With separate templates (ablation 4) each task has its own softmax over its own prompts and
+    ``joint`` is the product of the three (the tasks are independent under that model).
+    """
     logits = logits.float()
-    joint = logits.softmax(dim=-1).view(-1, *vocabulary.shape)
-    quality = joint.sum(dim=(2, 3))
+    if vocabulary.separate:
+        sizes = [len(vocabulary.qualities), len(vocabulary.scenes), len(vocabulary.distortions)]
+        # a task that is off has no prompts: its axis has size 1 and probability 1
+        quality, scene, distortion = (part.softmax(dim=-1) if n else logits.new_ones(logits.shape[0], 1)
+                                      for part, n in zip(logits.split(sizes, dim=-1), sizes))
+        joint = quality[:, :, None, None] * scene[:, None, :, None] * distortion[:, None, None, :]
+    else:
+        joint = logits.softmax(dim=-1).view(-1, *vocabulary.shape)
+        quality, scene, distortion = joint.sum(dim=(2, 3)), joint.sum(dim=(1, 3)), joint.sum(dim=(1, 2))
     values = torch.arange(1, quality.shape[1] + 1, dtype=quality.dtype, device=quality.device)
-    return LIQEOutput(
-        logits=logits, joint=joint, quality=quality, scene=joint.sum(dim=(1, 3)),
-        distortion=joint.sum(dim=(1, 2)), score=quality @ values,
-    )
+    return LIQEOutput(logits=logits, joint=joint, quality=quality, scene=scene, distortion=distortion,
+                      score=quality @ values)
+
+
+def regression_outputs(scores: torch.Tensor) -> LIQEOutput:
+    """:class:`LIQEOutput` of a model that regresses quality directly (``scores`` ``[B, 1]``):
+    ``score`` is the regressed value (unbounded); the task distributions are trivial."""
+    scores = scores.float()
+    ones = scores.new_ones(scores.shape[0], 1)
+    return LIQEOutput(logits=scores, joint=ones.view(-1, 1, 1, 1), quality=ones, scene=ones, distortion=ones,
+                      score=scores[:, 0])
+
+
+def freeze_text_encoder(model: "LIQE") -> None:
+    """Stop training everything but the image encoder (and the linear head, when there is one):
+    ablation (3) of Table 4, and the text side that ablation (6) does not use."""
+    visual = {id(p) for p in model.clip.visual.parameters()}
+    for p in model.clip.parameters():
+        if id(p) not in visual:
+            p.requires_grad_(False)
 
 
 class LIQE(nn.Module):
-    """LIQE around an open_clip CLIP model (``self.clip``)."""
+    """LIQE around an open_clip CLIP model (``self.clip``).
+
+    ``head="linear"`` is ablation (6) of Table 4: the image encoder with a fully connected layer
+    on the crop-averaged embedding that regresses quality directly; no prompts are used.
+    """
 
     def __init__(self, clip: nn.Module, vocabulary: Vocabulary | None = None,
                  text_context: Literal["cut", "full"] = "cut", freeze_logit_scale: bool = True,
-                 tokenizer=None):
+                 tokenizer=None, head: Literal["prompts", "linear"] = "prompts"):
         super().__init__()
         self.clip = clip
         self.vocabulary = vocabulary or Vocabulary()
+        self.head = nn.Linear(clip.visual.output_dim, 1) if head == "linear" else None
+        if self.head is not None:
+            freeze_text_encoder(self)
         tokenizer = tokenizer or open_clip.tokenize
         tokens = tokenizer(self.vocabulary.prompts())
         if text_context == "cut":
@@ -146,18 +188,30 @@ class LIQE(nn.Module):
         return super()._apply(fn, recurse)
 
     # -- scoring ----------------------------------------------------------------------------
-    def joint_logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """``[B, U, K]`` x ``[V, K]`` -> scaled logits ``[B, V]``, averaged over crops (eq. 2)."""
+    @property
+    def uses_prompts(self) -> bool:
+        return self.head is None
+
+    def logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor | None) -> torch.Tensor:
+        """``[B, U, K]`` x ``[V, K]`` -> scaled logits ``[B, V]``, averaged over crops (eq. 2);
+        with the linear head, the regressed quality ``[B, 1]`` (``text_emb`` unused)."""
+        if self.head is not None:
+            return self.head(image_emb.mean(dim=1)).float()
         cos = (image_emb @ text_emb.t().to(image_emb.dtype)).float().mean(dim=1)
         return self.clip.logit_scale.float().exp() * cos
+
+    def predictions(self, logits: torch.Tensor) -> LIQEOutput:
+        """:class:`LIQEOutput` from :meth:`logits` (of one rank's images or all ranks')."""
+        if self.head is not None:
+            return regression_outputs(logits)
+        return predictions_from_logits(logits, self.vocabulary)
 
     def forward(self, crops: torch.Tensor, text_emb: torch.Tensor | None = None) -> LIQEOutput:
         """Crops ``[B, U, 3, 224, 224]`` -> :class:`LIQEOutput`. ``text_emb`` overrides the prompts'
         embeddings (e.g. all-gathered across ranks)."""
-        if text_emb is None:
+        if text_emb is None and self.uses_prompts:
             text_emb = self.text_embeddings()
-        return predictions_from_logits(self.joint_logits(self.encode_images(crops), text_emb),
-                                       self.vocabulary)
+        return self.predictions(self.logits(self.encode_images(crops), text_emb))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._text_cache = None
@@ -200,6 +254,6 @@ def build_model(cfg: ModelConfig) -> LIQE:
                              text_context=cfg.text_context, quick_gelu=cfg.quick_gelu)
     else:
         clip = build_clip(cfg.name, cfg.pretrained, cfg.quick_gelu)
-        model = LIQE(clip, cfg.vocabulary(), text_context=cfg.text_context)
+        model = LIQE(clip, cfg.vocabulary(), text_context=cfg.text_context, head=cfg.head)
     set_logit_scale_trainable(model.clip, not cfg.freeze_logit_scale)
     return model.to(PRECISIONS[cfg.precision])

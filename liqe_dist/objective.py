@@ -12,24 +12,26 @@ import torch
 
 from .distributed import all_gather_cat, all_gather_cat_nograd, rank, shard_range, world_size
 from .losses import LossTerm, distortion_loss, quality_loss, scene_loss
-from .model import LIQE, LIQEOutput, predictions_from_logits
+from .model import LIQE, LIQEOutput
 
 TASKS = ("quality", "scene", "distortion")
 
 
-def prompt_embeddings(model: LIQE, shard: bool = True) -> torch.Tensor:
+def prompt_embeddings(model: LIQE, shard: bool = True) -> torch.Tensor | None:
     """All V prompt embeddings ``[V, K]``; with ``shard`` each rank encodes V/W of them and the
-    pieces are all-gathered (differentiably)."""
+    pieces are all-gathered (differentiably). None for a model without prompts (linear head)."""
+    if not model.uses_prompts:
+        return None
     if not shard or world_size() == 1:
         return model.encode_prompts()
     start, stop = shard_range(model.prompt_tokens.shape[0], world_size(), rank())
     return all_gather_cat(model.encode_prompts(start, stop))
 
 
-def global_outputs(model: LIQE, images: torch.Tensor, text_emb: torch.Tensor) -> LIQEOutput:
+def global_outputs(model: LIQE, images: torch.Tensor, text_emb: torch.Tensor | None) -> LIQEOutput:
     """Predictions for the images of every rank ``[B_global, ...]`` (rank order)."""
-    local = model.joint_logits(model.encode_images(images), text_emb)
-    return predictions_from_logits(all_gather_cat(local), model.vocabulary)
+    local = model.logits(model.encode_images(images), text_emb)
+    return model.predictions(all_gather_cat(local))
 
 
 def gather_labels(batch: dict) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from .config import from_dict, to_dict
+from .data.packing import read_manifest
 from .train_config import TrainConfig
 
 
@@ -57,6 +58,8 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    for d in cfg.datasets:  # fail here, once, rather than in every worker of every restart
+        read_manifest(Path(d.shards))
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not ray.is_initialized():
         if address:
@@ -65,7 +68,10 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
             start_local_cluster(max(os.cpu_count() or 1, int(cfg.workers * cfg.cpus_per_worker) + 1))
     run_dir = Path(cfg.run_dir).resolve()
     cfg_dict = to_dict(cfg)
-    cfg_dict["out_dir"] = str(Path(cfg.out_dir).resolve())  # workers may start in another folder
+    # Ray workers start in their own folders: relative paths would not find the run or the shards.
+    cfg_dict["out_dir"] = str(Path(cfg.out_dir).resolve())
+    for d in cfg_dict["datasets"]:
+        d["shards"] = str(Path(d["shards"]).resolve())
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"config": cfg_dict},

@@ -109,7 +109,7 @@ class RunLog:
                     w.writerow([name, k, f"{s:.6f}", mos])
 
     def plots(self) -> None:
-        """``curves.png`` and ``scatter.png`` from the CSVs (rank 0, end of run)."""
+        """``curves.png`` (losses, weights, eval SRCC) and ``scatter.png`` from the CSVs (rank 0, end of run)."""
         if not self.enabled or not (self.dir / "steps.csv").exists():
             return
         import matplotlib
@@ -119,7 +119,7 @@ class RunLog:
 
         rows = list(csv.DictReader(open(self.dir / "steps.csv")))
         steps = [int(r["step"]) for r in rows]
-        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+        fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
         for key in rows[0]:
             if key.startswith("loss/") or key == "loss":
                 a.plot(steps, [float(r[key]) if r[key] else float("nan") for r in rows], label=key)
@@ -127,8 +127,16 @@ class RunLog:
                 b.plot(steps, [float(r[key]) for r in rows], label=key[7:])
         a.set(xlabel="step", ylabel="loss", title="training losses")
         b.set(xlabel="step", ylabel="weight", title="task weights (lambda)")
-        a.legend()
-        b.legend()
+        if (self.dir / "eval.csv").exists():
+            evals = list(csv.DictReader(open(self.dir / "eval.csv")))
+            for key in evals[0] if evals else []:
+                if key.endswith("/srcc") and "/mean" not in key:
+                    c.plot([int(r["step"]) for r in evals], [float(r[key]) if r[key] else float("nan") for r in evals],
+                           marker="o", label=key[:-5])
+        c.set(xlabel="step", ylabel="SRCC", title="evaluation (per dataset and part)")
+        for ax in (a, b, c):
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
         fig.tight_layout()
         fig.savefig(self.dir / "curves.png", dpi=110)
         plt.close(fig)

@@ -25,11 +25,12 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import save_weights
 from .checkpointing import latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_training_checkpoint
-from .distributed import all_reduce_sum, assert_same_on_all_ranks, is_distributed, rank, world_size
+from .distributed import (all_reduce_sum, assert_same_on_all_ranks, is_distributed, rank, use_global_batchnorm,
+                          world_size)
 from .engine import build_engine
 from .evaluation import DatasetEval, evaluate_shards
 from .losses import weighted_total
-from .model import LIQE, build_model
+from .model import LIQE, build_model, freeze_text_encoder
 from .objective import step_losses
 from .data.stream import TrainBatches, TrainSource
 from .run_log import RunLog
@@ -39,14 +40,6 @@ from .weighting import build_weighting
 log = logging.getLogger(__name__)
 
 Reporter = Callable[[dict], None]
-
-
-def freeze_text_encoder(model: LIQE) -> None:
-    """Ablation 3 (Table 4): the language encoder is not trained."""
-    visual = {id(p) for p in model.clip.visual.parameters()}
-    for p in model.clip.parameters():
-        if id(p) not in visual:
-            p.requires_grad_(False)
 
 
 def evaluate_all_ranks(model: LIQE, cfg: TrainConfig, part: str) -> dict[str, DatasetEval]:
@@ -110,6 +103,8 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = build_model(cfg.model).train()
+    if world > 1 and use_global_batchnorm(model) and r == 0:
+        log.info("batch norm uses the statistics of the global batch (exact under data parallelism)")
     if cfg.freeze_text:
         freeze_text_encoder(model)
     tasks = tuple(t for t in ("quality", "scene", "distortion") if t in cfg.model.tasks)
@@ -128,7 +123,7 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
     redone = runlog.rewind(step)
     runlog.event({"event": "start" if step == 0 else "resume", "step": step, "world": world, "redone_steps": redone})
     text_emb = None
-    if cfg.freeze_text:
+    if cfg.freeze_text and engine.module.uses_prompts:
         with torch.no_grad():
             text_emb = engine.module.encode_prompts()
     # A resumed run draws new samples (its seed includes the step) rather than replaying old ones.

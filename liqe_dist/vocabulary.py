@@ -5,8 +5,9 @@ reference code's strings, and the joint index of a (quality, scene, distortion) 
 ``c * S * D + s * D + d`` (itertools.product order). With the default vocabulary that is
 ``c * 99 + s * 11 + d`` over 495 prompts.
 
-Ablations of the paper (Tables 4 and 5) are vocabularies too: two quality levels, or a task
-left out (its axis then has size 1 and its words drop out of the template).
+Ablations of the paper (Tables 4 and 5) are vocabularies too: two quality levels, a task left
+out (its axis then has size 1 and its words drop out of the template), or ablation (4), three
+separate templates (``separate=True``): C + S + D prompts, one softmax per task.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ class Vocabulary:
     qualities: tuple[str, ...] = QUALITIES
     scenes: tuple[str, ...] = SCENES
     distortions: tuple[str, ...] = DISTORTIONS
+    separate: bool = False  # ablation (4): one template and one softmax per task
 
     def __post_init__(self) -> None:
         if not (self.qualities or self.scenes or self.distortions):
@@ -130,7 +132,7 @@ class Vocabulary:
 
     @classmethod
     def for_tasks(cls, quality: bool = True, scene: bool = True, distortion: bool = True,
-                  levels: int = 5) -> "Vocabulary":
+                  levels: int = 5, separate: bool = False) -> "Vocabulary":
         """The default vocabulary restricted to some tasks; ``levels=2`` is the C = 2 ablation."""
         if levels == 5:
             qualities = QUALITIES
@@ -139,7 +141,7 @@ class Vocabulary:
         else:
             raise ValueError(f"quality levels must be 5 or 2 (the paper's ablation), got {levels}")
         return cls(qualities if quality else (), SCENES if scene else (),
-                   DISTORTIONS if distortion else ())
+                   DISTORTIONS if distortion else (), separate=separate)
 
     @property
     def tasks(self) -> tuple[bool, bool, bool]:
@@ -153,6 +155,9 @@ class Vocabulary:
 
     @property
     def size(self) -> int:
+        """Number of prompts: C * S * D (joint template) or the sum over tasks that are on (separate)."""
+        if self.separate:
+            return len(self.qualities) + len(self.scenes) + len(self.distortions)
         c, s, d = self.shape
         return c * s * d
 
@@ -161,7 +166,12 @@ class Vocabulary:
         return TEMPLATES[self.tasks]
 
     def prompts(self) -> list[str]:
-        """All prompts, index ``c * S * D + s * D + d`` (product order of the reference)."""
+        """All prompts, index ``c * S * D + s * D + d`` (product order of the reference); with
+        ``separate``, the quality prompts, then the scene prompts, then the distortion prompts."""
+        if self.separate:
+            return ([TEMPLATES[True, False, False].format(c=c) for c in self.qualities]
+                    + [TEMPLATES[False, True, False].format(s=s) for s in self.scenes]
+                    + [TEMPLATES[False, False, True].format(d=d) for d in self.distortions])
         template = self.template
         return [template.format(c=c, s=s, d=d) for c, s, d in itertools.product(
             self.qualities or ("",), self.scenes or ("",), self.distortions or ("",))]

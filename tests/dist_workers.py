@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from liqe_dist.distributed import init_local_rank
+
 TENSOR_LABELS = ("dataset", "mos", "has_mos", "scenes", "has_scenes", "distortion", "has_distortion")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_rank(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_local_rank(rank, world, port, threads=1)
 
 
 def make_problem(workdir: Path, n: int = 7, crops: int = 2, seed: int = 0) -> None:
@@ -101,4 +92,39 @@ def train_rank(rank: int, world: int, port: int, cfg_dict: dict) -> None:
 
     init_rank(rank, world, port)
     train_worker(from_dict(TrainConfig, cfg_dict))
+    dist.destroy_process_group()
+
+
+def bn_problem(seed: int = 0):
+    """A ResNet image tower with batch norm (float64, so only the method's error shows), a batch
+    of 7 images and a loss that is nonlinear in the whole batch's output."""
+    from liqe_dist.model import build_clip
+
+    torch.manual_seed(seed)
+    visual = build_clip("liqe-tiny-rn").visual.double().train()
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(7, 3, 224, 224, generator=g, dtype=torch.float64)
+    target = torch.randn(7, visual.output_dim, generator=g, dtype=torch.float64)
+    return visual, images, lambda out: (out * target).sum() ** 2
+
+
+def global_bn_rank(rank: int, world: int, port: int, workdir: str) -> None:
+    """Rank ``rank``'s share of :func:`bn_problem` through GlobalBatchNorm2d; gradients averaged
+    over ranks as data parallelism does; rank 0 saves them with the running statistics."""
+    from liqe_dist.distributed import all_gather_cat, shard_range, use_global_batchnorm
+
+    init_local_rank(rank, world, port, threads=1)
+    visual, images, loss_fn = bn_problem()
+    assert use_global_batchnorm(visual) > 0
+    start, stop = shard_range(images.shape[0], world, rank)
+    out = all_gather_cat(visual(images[start:stop]))
+    loss_fn(out).backward()
+    grads = {}
+    for name, p in visual.named_parameters():
+        dist.all_reduce(p.grad)
+        grads[name] = p.grad / world
+    if rank == 0:
+        buffers = {n: b for n, b in visual.named_buffers() if "running" in n}
+        torch.save({"out": out.detach(), "grads": grads, "buffers": buffers}, Path(workdir) / f"bn_{world}.pt")
+    dist.barrier()
     dist.destroy_process_group()

@@ -36,6 +36,13 @@ def test_project_format_keeps_the_vocabulary(tmp_path, tiny_clip):
     model = LIQE(tiny_clip, Vocabulary.for_tasks(scene=False, levels=2))
     loaded = load_weights(save_weights(model, tmp_path / "w.safetensors", "liqe-tiny"))
     assert loaded.vocabulary == model.vocabulary and len(loaded.prompt_tokens) == 22
+    separate = LIQE(tiny_clip, Vocabulary(separate=True))
+    loaded = load_weights(save_weights(separate, tmp_path / "s.safetensors", "liqe-tiny"))
+    assert loaded.vocabulary.separate and len(loaded.prompt_tokens) == 25
+    linear = LIQE(tiny_clip, Vocabulary.for_tasks(scene=False, distortion=False), head="linear")
+    torch.nn.init.normal_(linear.head.weight)
+    loaded = load_weights(save_weights(linear, tmp_path / "h.safetensors", "liqe-tiny"))
+    assert loaded.head is not None and torch.equal(loaded.head.weight, linear.head.weight)
 
 
 @pytest.mark.parametrize("wrap", ["plain", "openai_jit_keys", "pyiqa", "reference_training", "ddp_prefix", "fp16"])

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dist_workers import WEIGHTS, build_liqe, free_port, invariance_rank, make_problem
+from dist_workers import WEIGHTS, build_liqe, invariance_rank, make_problem
+from liqe_dist.distributed import free_local_port as free_port
 from liqe_dist.engine import OptimConfig, build_optimizer
 from liqe_dist.losses import weighted_total
 from liqe_dist.objective import step_losses

@@ -63,6 +63,52 @@ def test_two_level_ablation_scores_in_1_2(tiny_clip):
     assert 1.0 <= out.score.item() <= 2.0
 
 
+def test_separate_templates_ablation_by_hand():
+    v = Vocabulary(separate=True)
+    prompts = v.prompts()
+    assert v.size == len(prompts) == 5 + 9 + 11
+    assert prompts[0] == "a photo with bad quality" and prompts[5] == "a photo of a animal"
+    assert prompts[14] == "a photo with jpeg2000 compression artifacts"
+    logits = torch.zeros(1, 25)
+    logits[0, 3] = math.log(3.0)          # quality "good" 3x as likely as each other level
+    logits[0, 5 + 2] = 50.0               # scene "human"
+    logits[0, 14 + 10] = math.log(10.0)   # distortion "other" 10x as likely as each other type
+    out = predictions_from_logits(logits, v)
+    assert torch.allclose(out.quality, torch.tensor([[1, 1, 1, 3, 1]]) / 7.0)
+    assert out.score.item() == pytest.approx((1 + 2 + 3 + 4 * 3 + 5) / 7.0)
+    assert out.scene[0, 2].item() == pytest.approx(1.0)
+    assert out.distortion[0, 10].item() == pytest.approx(10 / 20)
+    # joint = product of the per-task softmaxes (independent tasks), so it sums to 1
+    assert out.joint[0, 3, 2, 10].item() == pytest.approx(3 / 7 * 1.0 * 0.5, rel=1e-5)
+    assert out.joint.sum().item() == pytest.approx(1.0)
+
+
+def test_separate_templates_with_a_task_off(tiny_clip):
+    v = Vocabulary.for_tasks(scene=False, separate=True)
+    assert v.prompts()[5:] == [f"a photo with {d} artifacts" for d in v.distortions]
+    model = LIQE(tiny_clip, v).eval()
+    with torch.no_grad():
+        out = model(crops(2))
+    assert out.joint.shape == (2, 5, 1, 11) and torch.equal(out.scene, torch.ones(2, 1))
+    assert torch.allclose(out.quality.sum(1), torch.ones(2)) and torch.allclose(out.distortion.sum(1), torch.ones(2))
+
+
+def test_linear_head_ablation(tiny_clip_state):
+    with pytest.raises(ValueError, match="model.tasks"):
+        ModelConfig(name="liqe-tiny", head="linear")
+    model = build_model(ModelConfig(name="liqe-tiny", head="linear", tasks=("quality",)))
+    model.clip.load_state_dict(tiny_clip_state)
+    x = crops(2)
+    with torch.no_grad():
+        out = model(x)
+        emb = F.normalize(model.clip.encode_image(x.flatten(0, 1)), dim=-1).view(2, 3, -1).mean(1)
+        expected = emb @ model.head.weight[0] + model.head.bias[0]
+    assert torch.allclose(out.score, expected, atol=1e-6)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"head.weight", "head.bias"} <= trainable
+    assert all(n.startswith(("head.", "clip.visual.")) for n in trainable)
+
+
 def test_logit_scale_frozen_by_default_and_encoders_trainable(tiny_clip):
     model = LIQE(tiny_clip).train()
     assert not model.clip.logit_scale.requires_grad

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import yaml
 
-from dist_workers import free_port
+from liqe_dist.distributed import free_local_port as free_port
 from shard_fixtures import pack_csv, write_csv_dataset
 from liqe_dist.config import to_dict
 from liqe_dist.crops import CropConfig

@@ -50,3 +50,13 @@ def test_written_dataset_reads_back_through_the_generic_adapter(tmp_path):
     pristine = [r for r in recs if r.mos == 100.0]
     assert len(pristine) == 1 and pristine[0].distortion == "other"
     assert {r.distortion for r in recs} == set(COARSE)
+
+
+def test_level_mos_is_the_mean_ssim_of_each_distortion_setting():
+    from liqe_dist.data.synthetic import level_mos
+
+    rows = [{"distortion": "blur", "level": "1", "ssim": "90"}, {"distortion": "blur", "level": "1", "ssim": "80"},
+            {"distortion": "blur", "level": "2", "ssim": "70"}, {"distortion": "noise", "level": "1", "ssim": "60"},
+            {"distortion": "other", "level": "0", "ssim": "100"}]
+    level_mos(rows)
+    assert [float(r["mos"]) for r in rows] == [85.0, 85.0, 70.0, 60.0, 100.0]

@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch.multiprocessing as mp
 
-from dist_workers import free_port, train_rank
+from dist_workers import train_rank
+from liqe_dist.distributed import free_local_port as free_port
 from shard_fixtures import pack_csv, write_csv_dataset
 from liqe_dist.checkpoint import load_weights
 from liqe_dist.config import to_dict
@@ -83,12 +84,44 @@ def test_two_ranks_train_evaluate_checkpoint_and_resume(shards):
     assert float(steps[12]["lambda/quality"]) != 1.0
 
 
-def test_ray_train_two_workers(shards):
+MODEL_VARIANTS = {
+    "vit": ModelConfig(name="liqe-tiny"),
+    "resnet-batchnorm": ModelConfig(name="liqe-tiny-rn"),
+    "separate-templates": ModelConfig(name="liqe-tiny", separate_templates=True),
+    "linear-head": ModelConfig(name="liqe-tiny", head="linear", tasks=("quality",)),
+}
+
+
+@pytest.mark.parametrize("variant", list(MODEL_VARIANTS))
+def test_saved_weights_score_as_the_run_evaluated(shards, variant):
+    """A 2-rank run of each model variant (including ablations 4 and 6) trains, and its final
+    weights, scored in one process, give the per-image test scores the run logged: distributed
+    evaluation is exact and every rank evaluates the model rank 0 saves."""
+    from liqe_dist.evaluation import evaluate_shards
+
+    base, a, b = shards
+    cfg = config(base, a, b, name=f"saved-{variant}", model=MODEL_VARIANTS[variant], epochs=1, steps_per_epoch=3,
+                 checkpoint_every=3, eval_parts=("test",))
+    mp.spawn(train_rank, args=(2, free_port(), to_dict(cfg)), nprocs=2, join=True)
+    run = base / "runs" / f"saved-{variant}"
+    losses = rows(run / "steps.csv")[-1]
+    assert all(float(losses[f"loss/{t}"]) > 0 for t in cfg.model.tasks)
+    logged = {(r["dataset"], r["key"]): float(r["score"]) for r in rows(run / "predictions" / "step-00000003.csv")}
+    results = evaluate_shards(load_weights(run / "final.safetensors"), [a, b], cfg.split, "test", cfg.crops,
+                              progress=False)
+    scored = {(name, k): s for name, ev in results.items() for k, s in zip(ev.keys, ev.score)}
+    assert scored.keys() == logged.keys() and len(scored) == 10
+    assert max(abs(scored[k] - logged[k]) for k in scored) < 1e-5
+
+
+def test_ray_train_two_workers(shards, monkeypatch):
     from liqe_dist.ray_launch import run_training
     import ray
 
     base, a, b = shards
-    cfg = config(base, a, b, name="ray", epochs=1, steps_per_epoch=3, checkpoint_every=3, eval_parts=("test",))
+    monkeypatch.chdir(base)  # paths relative to where the user runs (Ray workers start elsewhere)
+    cfg = config(base, a.relative_to(base), b.relative_to(base), name="ray", epochs=1, steps_per_epoch=3,
+                 checkpoint_every=3, eval_parts=("test",), out_dir="runs")
     try:
         metrics = run_training(cfg)
     finally:
@@ -145,3 +178,13 @@ def test_killed_worker_resumes_from_checkpoint(shards):
     assert resumes[0]["redone_steps"] <= 4  # no more than one checkpoint interval lost
     assert events[-1] == {**events[-1], "event": "finish", "step": 16}
     assert json.loads((run / "ranks" / "rank-1.json").read_text())["pid"] != killed["pid"]  # a new process took over
+
+
+def test_missing_shards_fail_before_ray_starts(tmp_path):
+    from liqe_dist.ray_launch import run_training
+    import ray
+
+    cfg = config(tmp_path, tmp_path / "nope", tmp_path / "nope2")
+    with pytest.raises(FileNotFoundError, match="nope.*no manifest"):
+        run_training(cfg)
+    assert not ray.is_initialized()

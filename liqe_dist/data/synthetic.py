@@ -1,13 +1,15 @@
 """A synthetic IQA dataset built offline: a pipeline check, not human opinion.
 
-References are real colour photographs that ship with scikit-image, each given its scene
-label(s) by hand below. Every coarse distortion class of LIQE is synthesised at 5 levels
-(the pristine reference stands for "other"). The pseudo-MOS is a full-reference measure:
+References are real photographs that ship with scikit-image, each given its scene label(s) by
+hand below. Every coarse distortion class of LIQE is synthesised at 5 levels (the pristine
+reference stands for "other"). Each image's full-reference score
 
-    pseudo_mos = 100 * SSIM(reference, distorted)   (SSIM per RGB channel, averaged; 8-bit range)
+    ssim = 100 * SSIM(reference, distorted)   (SSIM per RGB channel, averaged; 8-bit range)
 
-which falls as the level rises within each type (checked by the tests), so the quality order
-within a reference and a type is known. It says nothing about how people would rate them.
+falls as the level rises within each type (checked by the tests). The pseudo-MOS is its mean
+over the references for the image's distortion and level (:func:`level_mos`): a score of the
+distortion, not of the content, which a no-reference model can learn to predict on photographs
+it has never seen. It says nothing about how people would rate the images.
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ class Reference:
         return self.group or self.name
 
 
-# The colour photographs scikit-image ships (no download), with scene labels given by hand.
+# The photographs scikit-image ships (no download), with scene labels given by hand: eight in
+# colour, then six greyscale ones (used as RGB) for more variety of content and texture. The
+# Hubble deep field is left out: a black frame with stars looks like an underexposed photograph
+# to a no-reference model, so an SSIM pseudo-MOS of 100 for it is not learnable.
 REFERENCES: tuple[Reference, ...] = (
     Reference("astronaut", ("human",), skdata.astronaut),
     Reference("chelsea", ("animal", "indoor"), skdata.chelsea),
@@ -50,9 +55,14 @@ REFERENCES: tuple[Reference, ...] = (
     Reference("rocket", ("cityscape", "landscape"), skdata.rocket),
     Reference("motorcycle_left", ("still_life", "indoor"), lambda: skdata.stereo_motorcycle()[0], "motorcycle"),
     Reference("motorcycle_right", ("still_life", "indoor"), lambda: skdata.stereo_motorcycle()[1], "motorcycle"),
-    Reference("hubble", ("night", "others"), skdata.hubble_deep_field),
     Reference("retina", ("others",), skdata.retina),
     Reference("immunohistochemistry", ("others",), skdata.immunohistochemistry),
+    Reference("camera", ("human", "landscape"), skdata.camera),
+    Reference("moon", ("night", "landscape"), skdata.moon),
+    Reference("coins", ("still_life",), skdata.coins),
+    Reference("clock", ("still_life", "indoor"), skdata.clock),
+    Reference("grass", ("plant",), skdata.grass),
+    Reference("brick", ("others",), skdata.brick),
 )
 
 
@@ -146,16 +156,33 @@ def _write_reference(args: tuple[int, Path, int]) -> list[dict]:
         rel = f"{ref.name}/{name.replace(' ', '_')}_{level}.png"
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         dist.save(out / rel)
-        rows.append({"path": rel, "mos": f"{pseudo_mos(img, dist):.4f}",
+        rows.append({"path": rel, "ssim": f"{pseudo_mos(img, dist):.4f}",
                      "distortion": "other" if name == "pristine" else name,
                      "scenes": ";".join(ref.scenes), "reference": ref.reference_id, "level": str(level)})
     return rows
 
 
+def level_mos(rows: list[dict]) -> None:
+    """Set each row's ``mos`` to the mean ``ssim`` of its (distortion, level) over all references.
+
+    Per-image SSIM depends on content as much as on the distortion (blur barely changes a smooth
+    photograph, noise barely changes gravel), so no model that sees only the distorted image can
+    rank images of different references by it. Averaging over the references gives every image
+    of one distortion setting the same score, still falling with the level, like a DMOS that
+    rates the distortion rather than the content.
+    """
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["distortion"], r["level"]), []).append(float(r["ssim"]))
+    for r in rows:
+        r["mos"] = f"{np.mean(groups[r['distortion'], r['level']]):.4f}"
+
+
 def write_synthetic_dataset(out: Path, references: int | None = None, max_side: int = IMAGE_SIDE,
                             workers: int = 2, progress: bool = True) -> Path:
     """Write the synthetic dataset as PNG files plus ``labels.csv`` in the generic CSV format
-    (path, mos, distortion, scenes, reference, level); returns the CSV's path.
+    (path, mos, distortion, scenes, reference, level, ssim); returns the CSV's path. ``mos`` is
+    :func:`level_mos`; ``ssim`` is each image's own 100 x SSIM against its reference.
 
     ``references`` limits how many of :data:`REFERENCES` are used (all by default); each gives
     1 + 10 x 5 = 51 images.
@@ -174,6 +201,9 @@ def write_synthetic_dataset(out: Path, references: int | None = None, max_side: 
         for part in tqdm(pool.imap(_write_reference, jobs), total=len(jobs), unit="reference",
                          desc="synthesising", disable=not progress):
             rows.extend(part)
+    level_mos(rows)
+    rows = [{"path": r["path"], "mos": r["mos"], **{k: v for k, v in r.items() if k not in ("path", "mos")}}
+            for r in rows]
     table = out / "labels.csv"
     with open(table, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
