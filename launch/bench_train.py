@@ -57,13 +57,7 @@ def fake_batch(n: int, crops: int, seed: int, n_scenes: int, n_distortions: int)
 def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, recipe: str, out: str) -> None:
     context, shard = RECIPES[recipe]
     on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        torch.cuda.set_device(rank)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                          LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-        torch.distributed.init_process_group("nccl", rank=rank, world_size=world)
-    else:
-        init_local_rank(rank, world, port, threads=max(1, args.threads // world))
+    init_local_rank(rank, world, port, threads=max(1, args.threads // world), backend="nccl" if on_gpu else "gloo")
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=args.model, text_context=context))
     device = torch.device("cuda", rank) if on_gpu else torch.device("cpu")

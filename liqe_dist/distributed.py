@@ -139,13 +139,17 @@ def free_local_port() -> int:
         return s.getsockname()[1]
 
 
-def init_local_rank(rank: int, world: int, port: int, threads: int = 1) -> None:
-    """Join a gloo process group of ``world`` processes on this machine (tests, benchmarks;
-    training itself gets its group from Ray Train), with the environment DeepSpeed reads."""
+def init_local_rank(rank: int, world: int, port: int, threads: int = 1, backend: str = "gloo") -> None:
+    """Join a process group of ``world`` processes on this machine (tests, benchmarks; training
+    itself gets its group from Ray Train), with the environment DeepSpeed reads. With ``nccl``
+    rank r uses GPU r."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      DS_ACCELERATOR="cuda" if backend == "nccl" else "cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group(backend, rank=rank, world_size=world)
 
 
 

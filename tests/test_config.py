@@ -34,6 +34,8 @@ def test_yaml_round_trip(tmp_path):
     ({"batch_sizes": {"live": 2.5}}, "batch_sizes.live: expected an integer"),
     ({"crops": {"eval_crops": 0}}, "crops.eval_crops must be >= 1"),
     ({"weighting": {"method": "gradnorm"}}, "weighting.method: expected one of"),
+    ({"model": {"head": "mlp"}}, "model.head: expected one of"),
+    ({"model": {"head": "linear"}}, "predicts quality only: set model.tasks"),
 ])
 def test_bad_keys_are_named(data, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -48,3 +50,10 @@ def test_yaml_errors_name_the_file(tmp_path):
     path.write_text("model:\n  precision: fp8\n")
     with pytest.raises(ConfigError, match="bad.yaml: model.precision"):
         load_yaml(Example, path)
+
+
+def test_bad_ray_placement_is_named():
+    from liqe_dist.train_config import TrainConfig
+
+    with pytest.raises(ConfigError, match="placement must be PACK, SPREAD"):
+        from_dict(TrainConfig, {"datasets": [{"name": "a", "shards": "shards/a"}], "placement": "ANYWHERE"})

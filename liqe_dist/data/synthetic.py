@@ -156,7 +156,7 @@ def _write_reference(args: tuple[int, Path, int]) -> list[dict]:
         rel = f"{ref.name}/{name.replace(' ', '_')}_{level}.png"
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         dist.save(out / rel)
-        rows.append({"path": rel, "ssim": f"{pseudo_mos(img, dist):.4f}",
+        rows.append({"path": rel, "mos": "", "ssim": f"{pseudo_mos(img, dist):.4f}",  # mos: see level_mos
                      "distortion": "other" if name == "pristine" else name,
                      "scenes": ";".join(ref.scenes), "reference": ref.reference_id, "level": str(level)})
     return rows
@@ -202,8 +202,6 @@ def write_synthetic_dataset(out: Path, references: int | None = None, max_side: 
                          desc="synthesising", disable=not progress):
             rows.extend(part)
     level_mos(rows)
-    rows = [{"path": r["path"], "mos": r["mos"], **{k: v for k, v in r.items() if k not in ("path", "mos")}}
-            for r in rows]
     table = out / "labels.csv"
     with open(table, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
