@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from .logs import setup_logging
 
@@ -67,7 +68,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
     try:
         records = read_dataset(args.format, Path(args.root), name, Path(args.lists) if args.lists else None)
         cfg = PackConfig(shard_max_bytes=int(args.shard_max_mb * 1024 * 1024), shard_max_count=args.shard_max_count,
-                         splits=args.splits, seed=args.seed, workers=args.workers)
+                         splits=args.splits, seed=args.seed, order=args.order, order_seed=args.order_seed,
+                         workers=args.workers)
         source = {"format": args.format, "root": str(Path(args.root).resolve()),
                   "lists": str(Path(args.lists).resolve()) if args.lists else None}
         result = pack_records(records, Path(args.out) / name, name, source, cfg, progress=not args.no_progress,
@@ -113,12 +115,12 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .config import ConfigError, load_yaml
+    from .config import ConfigError, load_yaml, parse_overrides
     from .ray_launch import run_training
     from .train_config import TrainConfig
 
     try:
-        cfg = load_yaml(TrainConfig, args.config)
+        cfg = load_yaml(TrainConfig, args.config, parse_overrides(args.set))
         if args.workers:
             cfg = dataclasses.replace(cfg, workers=args.workers)
     except (ConfigError, ValueError) as exc:
@@ -127,6 +129,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = run_training(cfg, address=args.address)
     best = {k[5:]: v for k, v in metrics.items() if k.startswith("best/") and k.endswith("srcc")}
     log.info("finished: %s; outputs in %s", ", ".join(f"{k} {v:.3f}" for k, v in best.items()), cfg.run_dir)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError, load_yaml, parse_overrides
+    from .crops import CropConfig
+    from .evaluation import TABLE_HEADER, evaluate_shards, table_row, write_results
+    from .model import ModelConfig, build_model
+    from .train_config import TrainConfig
+
+    try:
+        if args.config:
+            cfg = load_yaml(TrainConfig, args.config, parse_overrides(args.set))
+            model_cfg, crops, seed = cfg.model, cfg.crops, cfg.seed
+            shards = args.shards or [d.shards for d in cfg.datasets]
+            split = cfg.split if args.split is None else args.split
+            batch = cfg.eval_batch
+        else:
+            if args.set:
+                raise ConfigError("--set needs --config")
+            model_cfg = ModelConfig(name=args.model or "ViT-B-32")
+            crops, seed, shards = CropConfig(), 0, args.shards
+            split, batch = args.split or 0, 8
+        changes = {k: v for k, v in (("checkpoint", args.checkpoint), ("pretrained", args.pretrained),
+                                    ("precision", args.precision)) if v is not None}
+        if args.model and args.config:
+            changes["name"] = args.model
+        model_cfg = dataclasses.replace(model_cfg, **changes)
+        if not shards:
+            raise ConfigError("no shard sets: give SHARDS or --config")
+        torch.manual_seed(seed)  # the initial weights training with this config would start from
+        model = build_model(model_cfg)
+        results = evaluate_shards(model, shards, split, args.part, crops, batch, progress=not args.no_progress)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    weights = model_cfg.checkpoint or (f"pretrained {model_cfg.pretrained}" if model_cfg.pretrained else "random")
+    label = f"{model_cfg.name} ({Path(weights).name if model_cfg.checkpoint else weights})"
+    print(f"\n{args.part} part of split {split}, {crops.eval_crops} crops per image\n")
+    print(TABLE_HEADER)
+    for ev in results.values():
+        print(table_row(label[:25], ev))
+    if args.out:
+        write_results(results, args.out, args.part)
+        log.info("wrote %s/metrics.csv, predictions.csv, scatter.png", args.out)
     return 0
 
 
@@ -156,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lists", help="reference label lists: a list file, or a folder of split folders 1..10")
     p.add_argument("--out", default="shards", help="shard sets go to OUT/NAME")
     p.add_argument("--splits", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the ten splits")
+    p.add_argument("--order", choices=["shuffled", "source"], default="shuffled",
+                   help="record order in the shards: seeded random (mixes references in every shard) or as listed")
+    p.add_argument("--order-seed", type=int, default=0, help="seed of the shuffled record order")
     p.add_argument("--shard-max-mb", type=float, default=256.0)
     p.add_argument("--shard-max-count", type=int, default=2000)
     p.add_argument("--workers", type=int, default=2, help="decoding processes")
@@ -178,7 +233,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML file (see launch/configs/)")
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--workers", type=int, help="override the config's number of data-parallel workers")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (dotted, value as YAML), e.g. --set optim.lr=1e-5; repeatable")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a model on packed shard sets (SRCC/PLCC, scene/distortion accuracy)",
+                       description="Evaluate the model a training config builds (e.g. pretrained CLIP, zero-shot), "
+                                   "or a checkpoint, on shard sets; without --config, name the shard sets.")
+    p.add_argument("shards", nargs="*", help="shard set folders (default: the config's datasets)")
+    p.add_argument("--config", help="training config: model, datasets, crops, split")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--model", help="open_clip model name or project config (default ViT-B-32, or the config's)")
+    p.add_argument("--checkpoint", help="weights file: project .safetensors, released LIQE .pt, pyiqa liqe_mix.pt")
+    p.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai; downloaded by open_clip)")
+    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--split", type=int, help="which of the ten splits (0-based; default: the config's, or 0)")
+    p.add_argument("--part", choices=["train", "val", "test"], default="test")
+    p.add_argument("--out", help="write metrics.csv, predictions.csv and scatter.png here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("make-synthetic", help="write the synthetic demo dataset (images + labels.csv)")
     p.add_argument("out")

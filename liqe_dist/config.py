@@ -2,11 +2,16 @@
 
 Every error names the dotted key that is wrong (``model.precision: expected one of ...``), so a
 bad config fails before any model is built.
+
+A YAML file may start from another (``base: ../liqe_reference.yaml``, relative to the file): the
+base is read first and the file's keys are merged into it, mappings key by key, everything else
+replaced. Dotted overrides (``--set optim.lr=1e-5``) are applied last, values parsed as YAML.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -62,6 +67,8 @@ def _check(value: Any, annotation: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -105,15 +112,72 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     return obj
 
 
-def load_yaml(cls: type[T], path: str | Path) -> T:
-    """Read a YAML file into dataclass ``cls``; errors name the file and the key."""
+def merge(base: dict, update: dict) -> dict:
+    """``update`` merged into a copy of ``base``: mappings key by key, other values replaced."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-5", "model.tasks=[quality]"]`` -> ``{"optim.lr": 1e-05, ...}`` (YAML values)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. optim.lr=1e-5)")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+    return out
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """Set dotted keys (``optim.lr``) in a nested dict; unknown keys are caught by validation."""
+    data = merge(data, {})
+    for dotted, value in overrides.items():
+        node = data
+        *parents, last = dotted.split(".")
+        for i, part in enumerate(parents):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {dotted}: {'.'.join(parents[:i + 1])} is not a mapping")
+            else:
+                child = node[part] = dict(child)
+            node = child
+        node[last] = value
+    return data
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML mapping with its ``base:`` chain resolved; errors name the file."""
     path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: base chain loops ({' -> '.join(str(p) for p in _seen)})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file path, got {base!r}")
+    return merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), data)
+
+
+def load_yaml(cls: type[T], path: str | Path, overrides: dict[str, Any] | None = None) -> T:
+    """Read a YAML file (and its bases) into dataclass ``cls``, then apply dotted ``overrides``;
+    errors name the file and the key."""
+    data = apply_overrides(read_yaml(path), overrides or {})
     try:
         return from_dict(cls, data)
     except ConfigError as exc:

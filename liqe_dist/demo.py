@@ -21,19 +21,13 @@ from .data.adapters import read_dataset
 from .data.packing import PackConfig, pack_records
 from .data.synthetic import write_synthetic_dataset
 from .data.verify import verify_shards
-from .evaluation import DatasetEval, evaluate_shards
+from .evaluation import TABLE_HEADER, evaluate_shards, table_row
 from .logs import setup_logging
 from .model import build_model
 from .train_config import TrainConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "launch" / "configs" / "demo.yaml"
 MIN_GAIN = 0.1  # test SRCC the trained model must add over the untrained one
-
-
-def _row(label: str, ev: DatasetEval) -> str:
-    q = ev.quality
-    return (f"{ev.dataset:<11}{label:<26}{q.n:>7}{q.srcc:>8.3f}{q.plcc:>8.3f}"
-            f"{ev.scene_accuracy:>11.3f}{ev.distortion_accuracy:>10.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nTest split {cfg.split} (references unseen in training), {cfg.crops.eval_crops} crops per image; "
           f"training took {minutes:.1f} min\n")
-    print(f"{'dataset':<11}{'model':<26}{'images':>7}{'SRCC':>8}{'PLCC':>8}{'scene acc':>11}{'dist acc':>10}")
+    print(TABLE_HEADER)
     failed = []
     for name in before:
-        print(_row("untrained", before[name]))
-        print(_row(f"trained (step {best_step})", after[name]))
+        print(table_row("untrained", before[name]))
+        print(table_row(f"trained (step {best_step})", after[name]))
         gain = after[name].quality.srcc - before[name].quality.srcc
         if not gain >= MIN_GAIN:
             failed.append(f"{name}: SRCC gain {gain:+.3f} < {MIN_GAIN}")

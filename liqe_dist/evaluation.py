@@ -90,3 +90,47 @@ def evaluate_shards(model: LIQE, shard_dirs: list[str | Path], split: int = 0, p
                 bar.update(len(batch["keys"]))
         results[ev.dataset] = ev.finish() if world == 1 else ev
     return results
+
+
+TABLE_HEADER = f"{'dataset':<11}{'model':<26}{'images':>7}{'SRCC':>8}{'PLCC':>8}{'scene acc':>11}{'dist acc':>10}"
+
+
+def table_row(label: str, ev: DatasetEval) -> str:
+    """One line of the results table (``TABLE_HEADER``) for dataset result ``ev`` of model ``label``."""
+    q = ev.quality
+    return (f"{ev.dataset:<11}{label:<26}{q.n:>7}{q.srcc:>8.3f}{q.plcc:>8.3f}"
+            f"{ev.scene_accuracy:>11.3f}{ev.distortion_accuracy:>10.3f}")
+
+
+def write_results(results: dict[str, DatasetEval], out_dir: str | Path, part: str) -> None:
+    """``metrics.csv`` (one row per dataset), ``predictions.csv`` and ``scatter.png`` in ``out_dir``."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["dataset", "part", "images", "srcc", "krcc", "plcc", "rmse", "scene_acc", "distortion_acc",
+                    "skipped", "note"])
+        for ev in results.values():
+            q = ev.quality
+            w.writerow([ev.dataset, part, q.n, q.srcc, q.krcc, q.plcc, q.rmse, ev.scene_accuracy,
+                        ev.distortion_accuracy, ev.skipped, q.note])
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["dataset", "key", "score", "mos"])
+        for ev in results.values():
+            w.writerows([ev.dataset, k, f"{s:.6f}", m] for k, s, m in zip(ev.keys, ev.score, ev.mos))
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4), squeeze=False)
+    for ax, ev in zip(axes[0], results.values()):
+        ax.scatter(ev.mos, ev.score, s=12, alpha=0.7)
+        ax.set(xlabel="MOS", ylabel="predicted quality q_hat",
+               title=f"{ev.dataset} ({part}): SRCC {ev.quality.srcc:.3f}")
+    fig.tight_layout()
+    fig.savefig(out / "scatter.png", dpi=110)
+    plt.close(fig)

@@ -45,7 +45,7 @@ class ModelConfig:
     name: str = "ViT-B-32"
     pretrained: str | None = None
     checkpoint: str | None = None
-    quick_gelu: bool | None = None  # None: True for OpenAI-format weights, else the config's own
+    quick_gelu: bool | None = None  # None: what the weights were trained with (resolve_quick_gelu)
     precision: Literal["fp32", "bf16"] = "fp32"
     freeze_logit_scale: bool = True
     text_context: Literal["cut", "full"] = "cut"
@@ -67,6 +67,8 @@ class ModelConfig:
                              f"[quality], got {list(self.tasks)}")
         if self.quality_levels not in (2, 5):
             raise ValueError(f"model.quality_levels must be 5 or 2, got {self.quality_levels}")
+        if self.name in open_clip.list_models():  # an unknown name fails when the model is built
+            resolve_quick_gelu(self.name, self.pretrained, self.quick_gelu)
 
     def vocabulary(self) -> Vocabulary:
         return Vocabulary.for_tasks("quality" in self.tasks, "scene" in self.tasks,
@@ -233,12 +235,37 @@ def set_logit_scale_trainable(clip: nn.Module, trainable: bool) -> None:
         clip.register_buffer("logit_scale", value)
 
 
+def resolve_quick_gelu(name: str, pretrained: str | None = None, requested: bool | None = None) -> bool:
+    """Whether model ``name`` with weights ``pretrained`` must run QuickGELU.
+
+    Weights must run with the activation they were trained with, and open_clip only warns when
+    they do not (its ``ViT-B-32`` config has plain GELU, OpenAI's weights were trained with
+    QuickGELU). QuickGELU is used when the model config says so (``-quickgelu`` names), when
+    open_clip's record of the pretrained tag says so, and for every ``openai`` tag (OpenAI
+    trained all its CLIPs with it). ``requested`` True forces it; False where the weights need
+    it is an error (the model would silently be another function).
+    """
+    cfg = open_clip.get_model_config(name) or {}
+    needed_by = None
+    if cfg.get("quick_gelu"):
+        needed_by = f"model config {name!r}"
+    elif pretrained and not Path(pretrained).is_file():
+        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
+        if pretrained.lower() == "openai" or tag_cfg.get("quick_gelu"):
+            needed_by = f"pretrained weights {pretrained!r} of {name!r}"
+    if requested is False and needed_by:
+        raise ValueError(f"model.quick_gelu is false, but {needed_by} use QuickGELU; "
+                         "remove model.quick_gelu to use the activation the weights were trained with")
+    return bool(requested) or needed_by is not None
+
+
 def build_clip(name: str, pretrained: str | None = None, quick_gelu: bool | None = None) -> nn.Module:
-    """An open_clip model by name, weights from ``pretrained`` (a tag or file) or random."""
-    kwargs = {"force_quick_gelu": True} if quick_gelu else {}
+    """An open_clip model by name, weights from ``pretrained`` (a tag or file) or random, with
+    the activation :func:`resolve_quick_gelu` gives."""
     if name not in open_clip.list_models():
         known = ", ".join(m for m in open_clip.list_models() if m.startswith(("ViT-B", "ViT-L", "liqe")))
         raise ValueError(f"unknown model name {name!r} (e.g. {known})")
+    kwargs = {"force_quick_gelu": True} if resolve_quick_gelu(name, pretrained, quick_gelu) else {}
     try:
         return open_clip.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as exc:

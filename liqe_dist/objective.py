@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .distributed import all_gather_cat, all_gather_cat_nograd, rank, shard_range, world_size
-from .losses import LossTerm, distortion_loss, quality_loss, scene_loss
+from .losses import PAPER, LossConfig, LossTerm, distortion_loss, quality_loss, scene_loss
 from .model import LIQE, LIQEOutput
 
 TASKS = ("quality", "scene", "distortion")
@@ -40,23 +40,26 @@ def gather_labels(batch: dict) -> dict[str, torch.Tensor]:
     return {n: all_gather_cat_nograd(batch[n]) for n in names}
 
 
-def task_losses(out: LIQEOutput, labels: dict[str, torch.Tensor], tasks: tuple[str, ...]) -> dict[str, LossTerm]:
+def task_losses(out: LIQEOutput, labels: dict[str, torch.Tensor], tasks: tuple[str, ...],
+                loss: LossConfig = PAPER) -> dict[str, LossTerm]:
     """The loss terms (sums and counts) of the tasks that are on, over the global batch."""
     terms = {}
     if "quality" in tasks:
-        terms["quality"] = quality_loss(out.score, labels["mos"], labels["dataset"], labels["has_mos"])
+        terms["quality"] = quality_loss(out.score, labels["mos"], labels["dataset"], labels["has_mos"], loss)
     if "scene" in tasks:
-        terms["scene"] = scene_loss(out.scene, labels["scenes"], labels["has_scenes"])
+        terms["scene"] = scene_loss(out.scene, labels["scenes"], labels["has_scenes"], loss.fidelity_eps)
     if "distortion" in tasks:
-        terms["distortion"] = distortion_loss(out.distortion, labels["distortion"], labels["has_distortion"])
+        terms["distortion"] = distortion_loss(out.distortion, labels["distortion"], labels["has_distortion"],
+                                              loss.fidelity_eps)
     return terms
 
 
 def step_losses(model: LIQE, batch: dict, tasks: tuple[str, ...] = TASKS, shard_prompts: bool = True,
-                text_emb: torch.Tensor | None = None) -> tuple[dict[str, LossTerm], LIQEOutput]:
+                text_emb: torch.Tensor | None = None,
+                loss: LossConfig = PAPER) -> tuple[dict[str, LossTerm], LIQEOutput]:
     """Loss terms and global predictions for one step. ``text_emb`` (e.g. precomputed for a frozen
     text encoder) replaces the prompt encoding."""
     if text_emb is None:
         text_emb = prompt_embeddings(model, shard_prompts)
     out = global_outputs(model, batch["images"], text_emb)
-    return task_losses(out, gather_labels(batch), tasks), out
+    return task_losses(out, gather_labels(batch), tasks, loss), out

@@ -110,13 +110,18 @@ class RunLog:
 
     def plots(self) -> None:
         """``curves.png`` (losses, weights, eval SRCC) and ``scatter.png`` from the CSVs (rank 0, end of run)."""
-        if not self.enabled or not (self.dir / "steps.csv").exists():
+        if not self.enabled:
             return
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        if (self.dir / "steps.csv").exists():  # none when nothing was trained (epochs: 0)
+            self._curves(plt)
+        self._scatter(plt)
+
+    def _curves(self, plt) -> None:
         rows = list(csv.DictReader(open(self.dir / "steps.csv")))
         steps = [int(r["step"]) for r in rows]
         fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
@@ -140,6 +145,8 @@ class RunLog:
         fig.tight_layout()
         fig.savefig(self.dir / "curves.png", dpi=110)
         plt.close(fig)
+
+    def _scatter(self, plt) -> None:
         preds = sorted((self.dir / "predictions").glob("step-*.csv"))
         if not preds:
             return

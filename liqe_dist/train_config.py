@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .crops import CropConfig
 from .engine import OptimConfig
+from .losses import RECIPES, LossConfig
 from .model import ModelConfig
 from .weighting import WeightingConfig
 
@@ -30,11 +31,12 @@ class TrainConfig:
 
     datasets: list[DatasetSpec]
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     crops: CropConfig = field(default_factory=CropConfig)
     split: int = 0                  # which of the ten splits (0-based)
-    epochs: int = 80
+    epochs: int = 80               # 0: nothing is trained; the model as built is evaluated (zero-shot)
     steps_per_epoch: int = 200
     seed: int = 0
     workers: int = 2                # data-parallel ranks (Ray Train workers)
@@ -55,14 +57,18 @@ class TrainConfig:
     name: str = "liqe"
 
     def __post_init__(self) -> None:
+        if self.optim.schedule is None:  # frozen: fill the recipe's schedule once
+            object.__setattr__(self, "optim", replace(self.optim, schedule=RECIPES[self.loss.recipe]["schedule"]))
         if not self.datasets:
             raise ValueError("datasets: at least one dataset is needed")
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"datasets: names must be unique, got {names}")
-        for key in ("epochs", "steps_per_epoch", "workers", "checkpoint_every", "eval_batch"):
+        for key in ("steps_per_epoch", "workers", "checkpoint_every", "eval_batch"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0 (0: evaluate without training), got {self.epochs}")
         if not 0 <= self.split < 10:
             raise ValueError(f"split must be 0..9, got {self.split}")
         if self.placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):

@@ -108,7 +108,7 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
     if cfg.freeze_text:
         freeze_text_encoder(model)
     tasks = tuple(t for t in ("quality", "scene", "distortion") if t in cfg.model.tasks)
-    engine, _, scheduler = build_engine(model, cfg.optim, cfg.total_steps)
+    engine, _, scheduler = build_engine(model, cfg.optim, cfg.total_steps, cfg.steps_per_epoch)
     weighting = build_weighting(cfg.weighting, tasks, cfg.steps_per_epoch, cfg.epochs)
     ckpt_dir = run_dir / "checkpoints"
     step, best = 0, {"val/mean_srcc": -math.inf}
@@ -131,12 +131,37 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
                         seed=cfg.seed * 1_000_003 + step, rank=r, world=world, shuffle_buffer=cfg.shuffle_buffer)
     batches = iter(DataLoader(data, batch_size=None, num_workers=cfg.loader_workers))
     metrics: dict = {}
+
+    def evaluate(step: int) -> None:
+        """val/test criteria into ``metrics`` and the logs; a new best (by mean val SRCC) is saved."""
+        nonlocal best
+        for part in cfg.eval_parts:
+            results = evaluate_all_ranks(engine.module, cfg, part)
+            metrics.update(_eval_metrics(results, part))
+            if part == "test":
+                runlog.predictions(step, results)
+        engine.module.train()
+        runlog.eval(metrics)
+        # Best = highest mean val SRCC; a val split too small to rank (NaN) makes the latest best.
+        val = metrics.get("val/mean_srcc", math.nan)
+        if math.isnan(val) or math.isnan(best["val/mean_srcc"]) or val > best["val/mean_srcc"]:
+            best = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
+            best["step"] = step
+            if r == 0:
+                save_weights(engine.module, run_dir / "best.safetensors", cfg.model.name, extra={"step": step})
+
+    if cfg.total_steps == 0:  # zero-shot (Table 4, row 1): evaluate the model as built
+        metrics = {"step": 0, "epoch": 0}
+        evaluate(0)
+        if report is not None:
+            report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     while step < cfg.total_steps:
         t0 = time.perf_counter()
         batch = next(batches)
         lam = weighting.weights()
-        terms, _ = step_losses(engine.module, batch, tasks, cfg.shard_prompts, text_emb)
+        terms, _ = step_losses(engine.module, batch, tasks, cfg.shard_prompts, text_emb, cfg.loss)
         loss = weighted_total(terms, lam)
+        lr = scheduler.get_last_lr()[0]  # the lr this step trains at (engine.step() moves to the next)
         engine.backward(loss)
         engine.step()
         step += 1
@@ -148,27 +173,14 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
         metrics = {"step": step, "epoch": (step - 1) // cfg.steps_per_epoch + 1, "loss": loss.item(),
                    **{f"loss/{k}": t.mean.item() for k, t in terms.items()},
                    **{f"lambda/{k}": v for k, v in lam.items()},
-                   "lr": scheduler.get_last_lr()[0], "step_seconds": dt, "images_per_second": images / dt,
+                   "lr": lr, "step_seconds": dt, "images_per_second": images / dt,
                    "skipped_samples": skipped}
         runlog.step(metrics)
         epoch_end = step % cfg.steps_per_epoch == 0
         evaluated = False
         if (epoch_end and (step // cfg.steps_per_epoch) % cfg.eval_every_epochs == 0) or step == cfg.total_steps:
-            for part in cfg.eval_parts:
-                results = evaluate_all_ranks(engine.module, cfg, part)
-                metrics.update(_eval_metrics(results, part))
-                if part == "test":
-                    runlog.predictions(step, results)
-            engine.module.train()
+            evaluate(step)
             evaluated = True
-            runlog.eval(metrics)
-            # Best = highest mean val SRCC; a val split too small to rank (NaN) makes the latest best.
-            val = metrics.get("val/mean_srcc", math.nan)
-            if math.isnan(val) or math.isnan(best["val/mean_srcc"]) or val > best["val/mean_srcc"]:
-                best = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
-                best["step"] = step
-                if r == 0:
-                    save_weights(engine.module, run_dir / "best.safetensors", cfg.model.name, extra={"step": step})
         if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
             save_training_checkpoint(ckpt_dir, engine, scheduler, weighting, step, r, cfg.model.name,
                                      extra={"best": {k: float(v) for k, v in best.items()}})

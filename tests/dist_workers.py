@@ -54,11 +54,12 @@ def build_liqe(workdir: Path):
     return LIQE(clip).train()
 
 
-def invariance_rank(rank: int, world: int, port: int, workdir: str, stage: int, optim_kwargs: dict) -> None:
+def invariance_rank(rank: int, world: int, port: int, workdir: str, stage: int, optim_kwargs: dict,
+                    recipe: str = "paper") -> None:
     """One DeepSpeed step on this rank's slice of the global batch; rank 0 saves the result."""
     from liqe_dist.distributed import shard_range
     from liqe_dist.engine import OptimConfig, build_engine
-    from liqe_dist.losses import weighted_total
+    from liqe_dist.losses import LossConfig, weighted_total
     from liqe_dist.objective import step_losses
 
     workdir = Path(workdir)
@@ -69,7 +70,7 @@ def invariance_rank(rank: int, world: int, port: int, workdir: str, stage: int, 
     model = build_liqe(workdir)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     engine, _, _ = build_engine(model, OptimConfig(zero_stage=stage, **optim_kwargs), total_steps=10)
-    terms, _ = step_losses(engine.module, local)
+    terms, _ = step_losses(engine.module, local, loss=LossConfig(recipe))
     loss = weighted_total(terms, WEIGHTS)
     engine.backward(loss)
     grads = {n: p.grad.detach().clone() for n, p in engine.module.named_parameters()
@@ -79,7 +80,7 @@ def invariance_rank(rank: int, world: int, port: int, workdir: str, stage: int, 
     if rank == 0:
         weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
         torch.save({"loss": loss.detach(), "grads": grads, "updates": updates, "weights": weights,
-                    "counts": {k: t.count for k, t in terms.items()}}, workdir / f"result_{world}_{stage}.pt")
+                    "counts": {k: t.count for k, t in terms.items()}}, workdir / f"result_{world}_{stage}_{recipe}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -127,4 +128,16 @@ def global_bn_rank(rank: int, world: int, port: int, workdir: str) -> None:
         buffers = {n: b for n, b in visual.named_buffers() if "running" in n}
         torch.save({"out": out.detach(), "grads": grads, "buffers": buffers}, Path(workdir) / f"bn_{world}.pt")
     dist.barrier()
+    dist.destroy_process_group()
+
+
+def train_configs_rank(rank: int, world: int, port: int, cfg_dicts: list[dict]) -> None:
+    """Run the training loop for several configs one after the other in the same ranks."""
+    from liqe_dist.config import from_dict
+    from liqe_dist.train_config import TrainConfig
+    from liqe_dist.trainer import train_worker
+
+    init_rank(rank, world, port)
+    for cfg_dict in cfg_dicts:
+        train_worker(from_dict(TrainConfig, cfg_dict))
     dist.destroy_process_group()

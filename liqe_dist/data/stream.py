@@ -154,6 +154,15 @@ def _shard_paths(shard_dir: Path) -> list[Path]:
     return [Path(shard_dir) / s["name"] for s in manifest["shards"]]
 
 
+def warn_if_unmixed(shard_dir: Path) -> None:
+    """Shards packed in source order hold a few references each; a bounded shuffle buffer then
+    pairs versions of one photograph ~12x more often than a uniform shuffle (see packing)."""
+    manifest = read_manifest(shard_dir)
+    if manifest["pack"].get("order", "source") == "source" and manifest["splits"].get("by") == "reference":
+        log.warning("%s was packed in source order (reference after reference): training batches will "
+                    "mix references poorly; re-pack it (records are shuffled by default now)", shard_dir)
+
+
 class EvalSamples(IterableDataset):
     """Every sample of one part ("val"/"test") of split ``split`` exactly once across all ranks
     and loader workers, with the evaluation crops. Use with ``DataLoader(batch_size=B,
@@ -209,32 +218,39 @@ class TrainBatches(IterableDataset):
             raise ValueError("no training datasets")
         self.sources = sources
         self.shards = [_shard_paths(Path(s.shard_dir)) for s in sources]
+        for s in sources:
+            warn_if_unmixed(Path(s.shard_dir))
         self.split, self.crops, self.seed = split, crops, seed
         self.rank, self.world = rank, world
         self.shuffle_buffer, self.start_epoch = shuffle_buffer, start_epoch
 
+    def epoch_order(self, d: int, epoch: int, consumer: int, consumers: int,
+                    decoder: _Decoder | None = None) -> Iterator[tuple[RawSample, dict]]:
+        """Dataset ``d``'s training samples that ``consumer`` reads in ``epoch``, in the order
+        training uses them (shard list shuffled with ``(seed, d, epoch)``, divided among the
+        consumers, then the shuffle buffer), undecoded. Samples without readable labels are
+        counted on ``decoder``."""
+        decoder = decoder or _Decoder(self.crops)
+        shards = list(self.shards[d])
+        random.Random(hash((self.seed, d, epoch)) & 0xFFFFFFFF).shuffle(shards)
+        rng = random.Random(hash((self.seed, d, epoch, consumer)) & 0xFFFFFFFF)
+        buffer: list[tuple[RawSample, dict]] = []
+        for raw in assigned(shards, consumer, consumers):
+            labels = decoder.labels(raw)
+            if labels is None or not in_part(labels["splits"], self.split, "train"):
+                continue
+            buffer.append((raw, labels))
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
     def _endless(self, d: int, consumer: int, consumers: int, decoder: _Decoder) -> Iterator[CropSample]:
         epoch = self.start_epoch
         while True:
-            shards = list(self.shards[d])
-            random.Random(hash((self.seed, d, epoch)) & 0xFFFFFFFF).shuffle(shards)
-            rng = random.Random(hash((self.seed, d, epoch, consumer)) & 0xFFFFFFFF)
             gen = torch.Generator().manual_seed(hash((self.seed, d, epoch, consumer, 1)) & 0x7FFFFFFF)
-            buffer: list[tuple[RawSample, dict]] = []
             produced = 0
-            for raw in assigned(shards, consumer, consumers):
-                labels = decoder.labels(raw)
-                if labels is None or not in_part(labels["splits"], self.split, "train"):
-                    continue
-                buffer.append((raw, labels))
-                if len(buffer) < self.shuffle_buffer:
-                    continue
-                sample = decoder.decode(*buffer.pop(rng.randrange(len(buffer))), train=True, generator=gen)
-                if sample is not None:
-                    produced += 1
-                    yield sample
-            rng.shuffle(buffer)
-            for raw, labels in buffer:
+            for raw, labels in self.epoch_order(d, epoch, consumer, consumers, decoder):
                 sample = decoder.decode(raw, labels, train=True, generator=gen)
                 if sample is not None:
                     produced += 1
