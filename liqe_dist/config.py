@@ -65,6 +65,11 @@ def _check(value: Any, annotation: Any, key: str) -> Any:
         kt, vt = args if args else (Any, Any)
         return {_check(k, kt, key): _check(v, vt, f"{key}.{k}") for k, v in value.items()}
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if not math.isfinite(value):

@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from liqe_dist.config import ConfigError, from_dict, load_yaml
+from liqe_dist.config import ConfigError, from_dict, load_yaml, parse_overrides
 from liqe_dist.crops import CropConfig
 from liqe_dist.model import ModelConfig
 from liqe_dist.weighting import WeightingConfig
@@ -57,3 +57,45 @@ def test_bad_ray_placement_is_named():
 
     with pytest.raises(ConfigError, match="placement must be PACK, SPREAD"):
         from_dict(TrainConfig, {"datasets": [{"name": "a", "shards": "shards/a"}], "placement": "ANYWHERE"})
+
+
+def test_base_files_merge_and_overrides_apply_last(tmp_path):
+    (tmp_path / "base.yaml").write_text("model:\n  name: liqe-tiny\n  tasks: [quality, scene]\nlr: 1.0e-5\n")
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("base: ../base.yaml\nmodel:\n  precision: bf16\n")
+    cfg = load_yaml(Example, child)
+    # mappings merge key by key: the child's model keeps the base's name and tasks
+    assert (cfg.model.name, cfg.model.tasks, cfg.model.precision, cfg.lr) == \
+        ("liqe-tiny", ("quality", "scene"), "bf16", 1e-5)
+    cfg = load_yaml(Example, child, parse_overrides(["model.tasks=[quality]", "lr=2e-5", "crops.eval_crops=3"]))
+    assert cfg.model.tasks == ("quality",) and cfg.lr == 2e-5 and cfg.crops.eval_crops == 3
+    with pytest.raises(ConfigError, match=r"child.yaml: unknown key model\.nmae"):
+        load_yaml(Example, child, {"model.nmae": "x"})
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_overrides(["lr"])
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="base chain loops"):
+        load_yaml(Example, tmp_path / "loop.yaml")
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_numbers_are_refused(tmp_path, value):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"lr: {value}\n")
+    with pytest.raises(ConfigError, match="lr: expected a finite number"):
+        load_yaml(Example, path)
+
+
+def test_loss_recipe_and_knobs_are_checked_by_key():
+    from liqe_dist.train_config import TrainConfig
+
+    data = {"datasets": [{"name": "a", "shards": "shards/a"}]}
+    with pytest.raises(ConfigError, match="loss.recipe: expected one of"):
+        from_dict(TrainConfig, {**data, "loss": {"recipe": "mine"}})
+    with pytest.raises(ConfigError, match="loss.ties: expected one of"):
+        from_dict(TrainConfig, {**data, "loss": {"ties": "sometimes"}})
+    with pytest.raises(ConfigError, match="loss: loss.phi_scale must be > 0"):
+        from_dict(TrainConfig, {**data, "loss": {"phi_scale": -1.0}})
+    with pytest.raises(ConfigError, match="epochs must be >= 0"):
+        from_dict(TrainConfig, {**data, "epochs": -1})

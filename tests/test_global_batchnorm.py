@@ -10,6 +10,8 @@ from dist_workers import bn_problem, global_bn_rank
 from liqe_dist.distributed import free_local_port, use_global_batchnorm
 from liqe_dist.model import build_clip
 
+pytestmark = pytest.mark.slow  # real processes: seconds to a minute each
+
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_global_batchnorm_equals_single_process(tmp_path, world):

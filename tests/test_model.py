@@ -38,7 +38,6 @@ def test_marginals_and_score(tiny_liqe):
         for c in range(5):
             assert out.quality[b, c] == pytest.approx(out.joint[b, c].sum().item(), abs=1e-6)
         assert out.score[b] == pytest.approx(sum((c + 1) * out.quality[b, c].item() for c in range(5)), abs=1e-5)
-        assert 1.0 <= out.score[b] <= 5.0
 
 
 def test_predictions_by_hand():
@@ -57,10 +56,13 @@ def test_predictions_by_hand():
 
 def test_two_level_ablation_scores_in_1_2(tiny_clip):
     model = LIQE(tiny_clip, Vocabulary.for_tasks(levels=2)).eval()
+    assert model.vocabulary.prompts()[0] == "a photo of a animal with jpeg2000 compression artifacts, which is of bad quality"
+    assert model.vocabulary.prompts()[99] == "a photo of a animal with jpeg2000 compression artifacts, which is of good quality"
     with torch.no_grad():
         out = model(crops(1))
     assert out.joint.shape == (1, 2, 9, 11)
-    assert 1.0 <= out.score.item() <= 2.0
+    p = torch.softmax(out.logits[0].double(), dim=0).view(2, 99).sum(dim=1)  # p(bad), p(good)
+    assert out.score.item() == pytest.approx(1 * p[0].item() + 2 * p[1].item(), abs=1e-6)
 
 
 def test_separate_templates_ablation_by_hand():
@@ -134,16 +136,44 @@ def test_text_embeddings_cached_at_inference_only(tiny_liqe, tiny_clip_state):
     assert tiny_liqe.text_embeddings().requires_grad
 
 
-def test_bf16_model_close_to_fp32(tiny_clip_state):
-    fp32 = build_model(ModelConfig(name="liqe-tiny")).eval()
-    fp32.clip.load_state_dict(tiny_clip_state)
+def trained_like(model: LIQE, images: torch.Tensor) -> LIQE:
+    """Give a random tiny model the spread a trained one has: its image embeddings move along
+    the text embeddings' "perfect minus bad" direction with the image's content, and the logit
+    scale is CLIP's trained 100. Its scores then spread over about one quality level across
+    ``images``, where a random model's spread by 0.01."""
+    with torch.no_grad():
+        g = model.encode_prompts().view(5, 99, -1)
+        w = g[4].mean(0) - g[0].mean(0)
+        visual = model.clip.visual
+        proj = visual.proj.detach().clone()
+        visual.proj = None  # the pooled features before the projection
+        feats = visual(images.flatten(0, 1)).view(*images.shape[:2], -1).mean(1)
+        visual.proj = torch.nn.Parameter(proj)
+        a = feats[0] - feats.mean(0)
+        visual.proj.copy_(0.05 * proj + torch.outer(a / a.norm(), w / w.norm()))
+        model.clip.logit_scale.fill_(math.log(100.0))
+    model.clear_text_cache()
+    return model
+
+
+def test_bf16_model_close_to_fp32():
+    from scipy.stats import spearmanr
+
+    x = crops(8, 3)
+    torch.manual_seed(0)
+    fp32 = trained_like(build_model(ModelConfig(name="liqe-tiny")).eval(), x)
     bf16 = build_model(ModelConfig(name="liqe-tiny", precision="bf16")).eval()
-    bf16.clip.load_state_dict(tiny_clip_state)
+    bf16.clip.load_state_dict(fp32.clip.state_dict())
     assert bf16.clip.visual.conv1.weight.dtype == torch.bfloat16
     with torch.no_grad():
-        a, b = fp32(crops()), bf16(crops())
+        a, b = fp32(x), bf16(x)
     assert b.score.dtype == torch.float32
-    assert (a.score - b.score).abs().max() < 0.05
+    spread = (a.score.max() - a.score.min()).item()
+    assert spread > 0.8  # predictions that differ, so that an error has room to show
+    # bf16 keeps 8 bits of mantissa: measured 0.044 here (logit scale 100 amplifies it)
+    assert (a.score - b.score).abs().max() < 0.08 * spread
+    assert spearmanr(a.score, b.score)[0] > 0.95
+    assert torch.equal(a.scene.argmax(1), b.scene.argmax(1))
 
 
 def test_model_config_rejects_bad_values():

@@ -22,6 +22,8 @@ from liqe_dist.engine import OptimConfig
 from liqe_dist.model import ModelConfig
 from liqe_dist.train_config import DatasetSpec, TrainConfig
 
+pytestmark = pytest.mark.slow  # real processes: seconds to a minute each
+
 RAY = str(Path(sys.executable).parent / "ray")
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"  # two loopback addresses: two "hosts" on one machine
 

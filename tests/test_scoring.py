@@ -8,9 +8,17 @@ import pytest
 from conftest import photo
 from liqe_dist import load
 from liqe_dist.cli import main
-from liqe_dist.crops import CropConfig
+from liqe_dist.crops import CropConfig, eval_crops
 from liqe_dist.images import ImageDecodeError, decode_image
 from liqe_dist.scoring import ImageScore, ScoreFailure, Scorer, expand_sources
+
+def direct(model, img, crops=CropConfig()):
+    """The model's output for one image, computed without the scorer (crops -> forward)."""
+    import torch
+
+    with torch.no_grad():
+        return model(eval_crops(img, crops).pixels[None])
+
 
 BROKEN = {"d_empty.jpg": "empty file", "e_garbage.png": "not a recognised image format",
           "f_truncated.jpg": "truncated"}
@@ -41,8 +49,12 @@ def test_score_iter_reports_failures_in_order(image_folder, tiny_liqe):
     for name, reason in BROKEN.items():
         assert reason in failures[name]
     scores = [r for r in results if isinstance(r, ImageScore)]
-    assert all(1.0 <= s.quality <= 5.0 for s in scores)
     assert [s.upsampled for s in scores] == [False, False, True]
+    for s in scores:  # each score is the model's own q_hat for that image
+        out = direct(tiny_liqe, decode_image(s.source))
+        assert s.quality == pytest.approx(out.score.item(), abs=1e-5)
+        assert s.scene == tiny_liqe.vocabulary.scenes[out.scene.argmax()]
+        assert s.scene_prob == pytest.approx(out.scene.max().item(), abs=1e-6)
 
 
 def test_batching_does_not_change_scores(image_folder, tiny_liqe):
@@ -57,7 +69,9 @@ def test_batching_does_not_change_scores(image_folder, tiny_liqe):
 def test_api_scores_pil_images_and_raises_on_bad_input(image_folder):
     scorer = load("liqe-tiny")
     [s] = scorer.score(photo(300, 240))
-    assert 1 <= s.quality <= 5 and s.scene in scorer.model.vocabulary.scenes
+    out = direct(scorer.model, photo(300, 240))
+    assert s.quality == pytest.approx(out.score.item(), abs=1e-5)
+    assert s.distortion == scorer.model.vocabulary.distortions[out.distortion.argmax()]
     with pytest.raises(ImageDecodeError, match="e_garbage.png"):
         scorer.score([image_folder / "a_good.png", str(image_folder / "e_garbage.png")])
 
@@ -91,6 +105,7 @@ def test_cli_fails_when_nothing_scores(image_folder, tmp_path):
     assert code == 1
 
 
+@pytest.mark.slow
 def test_console_script_csv(image_folder):
     exe = Path(sys.executable).with_name("liqe-dist")
     proc = subprocess.run([str(exe), "score", str(image_folder / "a_good.png"), "--model", "liqe-tiny",

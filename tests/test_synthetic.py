@@ -17,6 +17,7 @@ def test_references_have_valid_scene_labels():
         assert 1 <= len(ref.scenes) <= 3 and set(ref.scenes) <= set(SCENES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ref", list(REFERENCES), ids=lambda r: r.name)
 def test_pseudo_mos_falls_with_level(ref):
     img = reference_image(ref)
@@ -38,6 +39,7 @@ def test_distortion_is_deterministic_and_validated():
         distort(img, "blur", 6)
 
 
+@pytest.mark.slow
 def test_written_dataset_reads_back_through_the_generic_adapter(tmp_path):
     from liqe_dist.data.adapters import read_dataset
     from liqe_dist.data.synthetic import write_synthetic_dataset
