@@ -9,7 +9,7 @@ Records are written in a seeded random order (``PackConfig.order``), not in the 
 adapters list a synthetic dataset reference by reference, so shards written in that order would
 each hold a few references, and a training batch drawn through a shard shuffle and a bounded
 shuffle buffer would pair distorted versions of one photograph far more often than a uniform
-shuffle does (measured on a KADID-like set: 21 % of pairs against 1.8 %).
+shuffle does (on a KADID-like set: 21 % of pairs against 1.7 %; `bash launch/bench.sh mixing`).
 
 Shards are written under a temporary name and renamed when complete; the manifest is written
 last, so its presence means the set is whole. Re-running with the same inputs and options finds
