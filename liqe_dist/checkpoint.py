@@ -94,9 +94,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointError(
-                f"{path}: cannot be read with torch.load(weights_only=True) ({str(exc).splitlines()[0]}); "
-                "only plain tensor state dicts are accepted") from None
+            raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) ({_load_reason(exc)}); "
+                                  "only plain tensor state dicts are accepted") from None
     for key in _WRAPPER_KEYS:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -111,6 +110,16 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if bad:
         raise CheckpointError(f"{path}: entries that are not tensors: {bad[:5]}")
     return state, meta
+
+
+def _load_reason(exc: Exception) -> str:
+    """The informative line of a torch.load error: torch's weights-only message opens with advice
+    to unpickle arbitrary code (never taken here); the cause follows "WeightsUnpickler error:"."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        cause = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0].strip()
+        return f"not a plain tensor file: {cause}" if cause else "not a plain tensor file"
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _register_config(name: str, cfg_json: str) -> None:

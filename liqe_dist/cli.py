@@ -21,6 +21,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
     from .crops import CropConfig
     from .model import ModelConfig, build_model
     from .scoring import ScoreFailure, Scorer, expand_sources, write_scores
@@ -35,7 +36,12 @@ def cmd_score(args: argparse.Namespace) -> int:
                       precision=args.precision)
     if not (cfg.checkpoint or cfg.pretrained):
         log.warning("no --checkpoint or --pretrained: %s has random weights, scores are meaningless", cfg.name)
-    scorer = Scorer(build_model(cfg), CropConfig(small_images=args.small_images),
+    try:
+        model = build_model(cfg)
+    except (CheckpointError, ValueError, RuntimeError) as exc:  # unreadable or unfitting weights, bad name
+        log.error("%s", exc)
+        return 2
+    scorer = Scorer(model, CropConfig(small_images=args.small_images),
                     batch_images=args.batch_images, num_workers=args.workers)
     skipped = len(failures)
 

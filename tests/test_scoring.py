@@ -115,3 +115,12 @@ def test_console_script_csv(image_folder):
     assert lines[0].startswith("source,quality,scene,scene_prob,distortion")
     assert lines[1].startswith(str(image_folder / "a_good.png"))
     assert "random weights" in proc.stderr
+
+
+def test_unusable_checkpoint_is_one_line_naming_the_file(tmp_path, image_folder, caplog):
+    garbage = tmp_path / "weights.pt"
+    garbage.write_text("not a checkpoint")
+    assert main(["score", str(image_folder / "a_good.png"), "--model", "liqe-tiny", "--checkpoint", str(garbage)]) == 2
+    assert "weights.pt: cannot be read with torch.load(weights_only=True)" in caplog.text
+    assert main(["score", str(image_folder / "a_good.png"), "--model", "ViT-Q-99"]) == 2
+    assert "unknown model name 'ViT-Q-99'" in caplog.text
