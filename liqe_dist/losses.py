@@ -132,7 +132,8 @@ def quality_loss(score: torch.Tensor, mos: torch.Tensor, group: torch.Tensor,
         p = (mos[:, None] >= mos[None, :]).to(score.dtype)
     else:
         p = 0.5 * (torch.sign(mos[:, None] - mos[None, :]) + 1.0)
-    per_pair = binary_fidelity(p, p_hat, cfg.fidelity_eps) * mask
+    # where, not a product: a sample without a MOS (NaN) has a NaN target under "half", and NaN * 0 is NaN
+    per_pair = torch.where(mask, binary_fidelity(p, p_hat, cfg.fidelity_eps), torch.zeros_like(p_hat))
     if cfg.pair_normalisation == "global":
         return LossTerm(per_pair.sum(), int(mask.sum().item()))
     total, datasets = per_pair.new_zeros(()), 0

@@ -252,3 +252,16 @@ def test_reference_scene_and_distortion_losses_equal_the_reference_code():
     # and eps is what makes them differ from the paper's form: 11 square roots of 1e-8 per image
     paper = distortion_loss(p_dist, labels, mask).mean
     assert paper.item() - got.item() == pytest.approx(10 * 1e-4, rel=1e-3)
+
+
+@pytest.mark.parametrize("recipe", ["paper", "reference"])
+def test_samples_without_mos_are_masked_in_both_recipes(recipe):
+    # a missing MOS travels as NaN: it must neither count nor turn the loss (or its gradient) into NaN
+    q = torch.tensor([3.0, 2.0, 1.0], requires_grad=True)
+    mos = torch.tensor([2.0, 1.0, float("nan")])
+    cfg = LossConfig(recipe)
+    term = quality_loss(q, mos, torch.tensor([0, 0, 0]), ~torch.isnan(mos), cfg)
+    alone = quality_loss(q[:2], mos[:2], torch.tensor([0, 0]), cfg=cfg)
+    assert term.mean.item() == pytest.approx(alone.mean.item(), abs=1e-7)
+    term.mean.backward()
+    assert torch.isfinite(q.grad).all() and q.grad[2] == 0
