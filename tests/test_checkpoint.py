@@ -110,3 +110,83 @@ def test_unreadable_files_are_named(tmp_path):
     torch.save({}, empty)
     with pytest.raises(CheckpointError, match="holds no state dict"):
         read_state_dict(empty)
+
+
+# -- hostile project files: metadata is data, checked before anything is built ---------------------
+def _rewrite_meta(src, dst, **changes):
+    """A copy of safetensors file ``src`` with metadata entries replaced (what an attacker can do)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in changes.items()})
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def test_metadata_never_becomes_a_path(tmp_path, tiny_liqe, monkeypatch):
+    import glob
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    good = save_weights(tiny_liqe, tmp_path / "w.safetensors", "liqe-tiny")
+    target = tmp_path / "victim"
+    target.mkdir()
+    evil = _rewrite_meta(good, tmp_path / "evil.safetensors", model_name=f"../../../../{target}/owned")
+    before = set(glob.glob(str(tmp_path / "**"), recursive=True))
+    loaded = load_weights(evil)  # the architecture comes from the (valid) embedded config
+    assert torch.equal(outputs(loaded).logits, outputs(tiny_liqe).logits)
+    assert set(glob.glob(str(tmp_path / "**"), recursive=True)) == before  # nothing written anywhere
+    assert not list((tmp_path / "tmp").iterdir())  # and no temp folders left behind
+
+
+@pytest.mark.parametrize("cfg_change,message", [
+    ({"vision_cfg": {"layers": 200, "width": 16384, "patch_size": 32, "image_size": 224}}, r"parameters \(limit"),
+    ({"vision_cfg": {"layers": 3, "width": 128, "head_width": 64, "patch_size": 32, "image_size": 224}}, "do not fit"),
+    ({"vision_cfg": {"layers": 2, "width": 10**9, "patch_size": 32, "image_size": 224}}, "not an integer in"),
+    ({"vision_cfg": {"timm_model_name": "vit_huge_patch14_224", "image_size": 224}}, "unsupported key"),
+    ({"text_cfg": {"hf_model_name": "some/model"}}, "unsupported key"),
+    ({"embed_dim": "64"}, "embed_dim = '64' is not an integer"),
+])
+def test_hostile_model_configs_are_refused_before_allocation(tmp_path, tiny_liqe, cfg_change, message):
+    import json
+
+    from safetensors import safe_open
+
+    good = save_weights(tiny_liqe, tmp_path / "w.safetensors", "liqe-tiny")
+    with safe_open(str(good), framework="pt") as f:
+        cfg = json.loads(f.metadata()["model_cfg"])
+    cfg.update(cfg_change)
+    evil = _rewrite_meta(good, tmp_path / "evil.safetensors", model_cfg=cfg)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_weights(evil)
+    assert str(evil) in str(info.value)
+
+
+@pytest.mark.slow
+def test_an_oversize_declared_model_costs_no_memory(tmp_path, tiny_liqe):
+    """A config declaring ~3 billion parameters over a tiny file fails at the shape check while
+    the process stays small (building it first would need ~12 GB)."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    good = save_weights(tiny_liqe, tmp_path / "w.safetensors", "liqe-tiny")
+    with safe_open(str(good), framework="pt") as f:
+        cfg = json.loads(f.metadata()["model_cfg"])
+    cfg["vision_cfg"].update(layers=48, width=2048, head_width=64)
+    cfg["text_cfg"].update(layers=48, width=2048, heads=32)
+    evil = _rewrite_meta(good, tmp_path / "evil.safetensors", model_cfg=cfg)
+    script = (f"import resource\nfrom liqe_dist.checkpoint import load_weights, CheckpointError\n"
+              f"try:\n    load_weights({str(evil)!r})\nexcept CheckpointError as e:\n    print('refused', e)\n"
+              f"print('maxrss_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120).stdout
+    assert "refused" in out and "do not fit" in out, out
+    assert int(out.split("maxrss_mb")[1]) < 2000, out
