@@ -11,7 +11,10 @@ The rules of the reference code, made explicit:
   enumeration: index ``i * (n // 15)``.
 * Small images (a rule the reference lacks; it crashes): an image with a side under 224 px is
   upscaled (bicubic) so its short side is 224, and the result says so (``upsampled=True``); with
-  ``small_images="refuse"`` it raises :class:`ImageTooSmallError` instead. When the grid has fewer
+  ``small_images="refuse"`` it raises :class:`ImageTooSmallError` instead. An image whose long
+  side exceeds ``max_aspect`` (16) times its short side is refused (:class:`ImageShapeError`)
+  before any resizing: with it, an image has at most 768 x 768 x 16 = 9.4 megapixels after the
+  resize rules (a 1 x 10 000 strip would otherwise be upsampled to 224 x 2 240 000). When the grid has fewer
   positions than crops asked for, evaluation spreads the crops over all positions
   (``floor(i * n / U)``), so each position is used about equally.
 """
@@ -31,7 +34,11 @@ CROP = 224
 RESIZE_SHORT_SIDE = 768
 
 
-class ImageTooSmallError(ValueError):
+class ImageShapeError(ValueError):
+    """An image's shape is refused by the crop rules (too thin, or too small by policy)."""
+
+
+class ImageTooSmallError(ImageShapeError):
     """An image has a side under the crop size and the policy is to refuse it."""
 
 
@@ -48,11 +55,14 @@ class CropConfig:
     large_side: int = 1024
     flip: bool = True
     small_images: Literal["upsample", "refuse"] = "upsample"
+    max_aspect: float = 16.0  # long side / short side beyond which an image is refused
 
     def __post_init__(self) -> None:
         for name in ("size", "train_crops", "eval_crops", "stride", "large_stride"):
             if getattr(self, name) < 1:
                 raise ValueError(f"crops.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.max_aspect >= 1:
+            raise ValueError(f"crops.max_aspect must be >= 1, got {self.max_aspect}")
         if self.small_images not in ("upsample", "refuse"):
             raise ValueError(f"crops.small_images must be 'upsample' or 'refuse', got {self.small_images!r}")
 
@@ -69,6 +79,9 @@ class Crops:
 def fit_size(img: Image.Image, cfg: CropConfig = CropConfig(), source: str = "image") -> tuple[Image.Image, bool]:
     """Apply the resize rules; returns the image and whether it was upsampled."""
     w, h = img.size
+    if max(w, h) > cfg.max_aspect * min(w, h):
+        raise ImageShapeError(f"{source}: {w}x{h} is thinner than 1:{cfg.max_aspect:g} (crops.max_aspect); "
+                              "refused rather than resized")
     if min(w, h) < cfg.size:
         if cfg.small_images == "refuse":
             raise ImageTooSmallError(f"{source}: {w}x{h} has a side under {cfg.size} px "

@@ -19,8 +19,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .crops import CropConfig, ImageTooSmallError, eval_crops
-from .images import ImageDecodeError, decode_image, is_image_path
+from .crops import CropConfig, ImageShapeError, eval_crops
+from .images import ImageDecodeError, decode_image, is_image_path, to_rgb
 from .model import LIQE
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
@@ -87,9 +87,9 @@ class _CropDataset(Dataset):
         source = item if isinstance(item, (str, Path)) else f"<image {i}>"
         try:
             img = item if isinstance(item, Image.Image) else decode_image(item)
-            c = eval_crops(img.convert("RGB"), self.crops, source=str(source))
+            c = eval_crops(to_rgb(img), self.crops, source=str(source))
             return str(source), c, None
-        except (ImageDecodeError, ImageTooSmallError) as exc:
+        except (ImageDecodeError, ImageShapeError) as exc:
             return str(source), None, getattr(exc, "reason", str(exc))
 
 

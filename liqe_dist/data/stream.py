@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from ..crops import CropConfig, ImageTooSmallError, eval_crops, train_crops
+from ..crops import CropConfig, ImageShapeError, eval_crops, train_crops
 from ..images import ImageDecodeError, decode_image
 from ..vocabulary import DISTORTIONS, SCENES
 from .packing import read_manifest
@@ -109,7 +109,7 @@ class _Decoder:
             img = decode_image(raw.fields[images[0]], f"{raw.shard}:{raw.key}")
             c = (train_crops(img, self.crops, generator, source=raw.key) if train
                  else eval_crops(img, self.crops, source=raw.key))
-        except (ImageDecodeError, ImageTooSmallError) as exc:
+        except (ImageDecodeError, ImageShapeError) as exc:
             self._skip(raw, str(getattr(exc, "reason", exc)))
             return None
         return CropSample(raw.key, labels["dataset"], c.pixels, labels.get("mos"),
