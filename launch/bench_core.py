@@ -24,6 +24,7 @@ from liqe_dist.model import LIQE, build_clip
 from liqe_dist.scoring import Scorer
 from liqe_dist.text_encoder import encode_tokens
 from liqe_dist.vocabulary import Vocabulary
+from liqe_dist.hardware import describe
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
+    print(describe(), flush=True)  # the hardware the numbers below belong to
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     clip = build_clip("ViT-B-32").eval()

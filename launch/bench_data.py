@@ -26,6 +26,7 @@ from liqe_dist.data.adapters import read_dataset
 from liqe_dist.data.packing import PackConfig, pack_records
 from liqe_dist.data.stream import TrainBatches, TrainSource
 from liqe_dist.data.synthetic import write_synthetic_dataset
+from liqe_dist.hardware import describe
 
 
 def make_jpegs(root: Path, n: int) -> Path:
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batches", type=int, default=12)
     args = ap.parse_args()
+    print(describe(), flush=True)  # the hardware the numbers below belong to
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

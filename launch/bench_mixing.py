@@ -17,6 +17,7 @@ from pathlib import Path
 
 from liqe_dist.data.mixing import kadid_like_records, same_reference_rate
 from liqe_dist.data.packing import PackConfig, pack_records
+from liqe_dist.hardware import describe
 
 
 def main() -> None:
@@ -25,6 +26,7 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=1, help="ranks")
     ap.add_argument("--buffers", default="1,16,256,1024,4096")
     args = ap.parse_args()
+    print(describe(), flush=True)  # the hardware the numbers below belong to
     buffers = [int(b) for b in args.buffers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         records = kadid_like_records()

@@ -35,6 +35,7 @@ from liqe_dist.engine import OptimConfig, build_engine
 from liqe_dist.losses import weighted_total
 from liqe_dist.model import ModelConfig, build_model
 from liqe_dist.objective import TASKS, step_losses
+from liqe_dist.hardware import describe
 
 RECIPES = {  # name -> (text context, shard prompts over ranks)
     "(a) reference: 495 prompts x context 77 on every rank": ("full", False),
@@ -107,6 +108,7 @@ def main() -> None:
     ap.add_argument("--worlds", default="1,2", help="numbers of ranks to measure")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads shared by the ranks")
     args = ap.parse_args()
+    print(describe(), flush=True)  # the hardware the numbers below belong to
     worlds = [int(w) for w in args.worlds.split(",")]
     rows = []
     for world in worlds:

@@ -17,12 +17,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="ViT-B-32", help="open_clip model name or project config (liqe-tiny)")
     g.add_argument("--checkpoint", help="weights file: project .safetensors, released LIQE .pt, pyiqa liqe_mix.pt")
     g.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai; downloaded by open_clip)")
-    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 where the hardware computes it natively (AVX512_BF16/AMX CPUs, bf16 GPUs), "
+                        "else fp32")
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
     from .crops import CropConfig
+    from .hardware import resolve_precision
     from .model import ModelConfig, build_model
     from .scoring import ScoreFailure, Scorer, expand_sources, write_scores
 
@@ -33,7 +36,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         log.error("nothing to score")
         return 1
     cfg = ModelConfig(name=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                      precision=args.precision)
+                      precision=resolve_precision(args.precision))
     if not (cfg.checkpoint or cfg.pretrained):
         log.warning("no --checkpoint or --pretrained: %s has random weights, scores are meaningless", cfg.name)
     try:
@@ -147,6 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_yaml, parse_overrides
     from .crops import CropConfig
     from .evaluation import TABLE_HEADER, evaluate_shards, table_row, write_results
+    from .hardware import resolve_precision
     from .model import ModelConfig, build_model
     from .train_config import TrainConfig
 
@@ -164,7 +168,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             crops, seed, shards = CropConfig(), 0, args.shards
             split, batch = args.split or 0, 8
         changes = {k: v for k, v in (("checkpoint", args.checkpoint), ("pretrained", args.pretrained),
-                                    ("precision", args.precision)) if v is not None}
+                                    ("precision", args.precision and resolve_precision(args.precision)))
+                   if v is not None}
         if args.model and args.config:
             changes["name"] = args.model
         model_cfg = dataclasses.replace(model_cfg, **changes)
@@ -252,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="open_clip model name or project config (default ViT-B-32, or the config's)")
     p.add_argument("--checkpoint", help="weights file: project .safetensors, released LIQE .pt, pyiqa liqe_mix.pt")
     p.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai; downloaded by open_clip)")
-    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="default: the config's, or fp32")
     p.add_argument("--split", type=int, help="which of the ten splits (0-based; default: the config's, or 0)")
     p.add_argument("--part", choices=["train", "val", "test"], default="test")
     p.add_argument("--out", help="write metrics.csv, predictions.csv and scatter.png here")
