@@ -70,22 +70,18 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_pack(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .data.adapters import DatasetFormatError, read_dataset
+    from .data.adapters import read_dataset
     from .data.packing import PackConfig, pack_records
 
     name = args.name or args.format
-    try:
-        records = read_dataset(args.format, Path(args.root), name, Path(args.lists) if args.lists else None)
-        cfg = PackConfig(shard_max_bytes=int(args.shard_max_mb * 1024 * 1024), shard_max_count=args.shard_max_count,
-                         splits=args.splits, seed=args.seed, order=args.order, order_seed=args.order_seed,
-                         workers=args.workers)
-        source = {"format": args.format, "root": str(Path(args.root).resolve()),
-                  "lists": str(Path(args.lists).resolve()) if args.lists else None}
-        result = pack_records(records, Path(args.out) / name, name, source, cfg, progress=not args.no_progress,
-                              force=args.force)
-    except (DatasetFormatError, ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
+    records = read_dataset(args.format, Path(args.root), name, Path(args.lists) if args.lists else None)
+    cfg = PackConfig(shard_max_bytes=int(args.shard_max_mb * 1024 * 1024), shard_max_count=args.shard_max_count,
+                     splits=args.splits, seed=args.seed, order=args.order, order_seed=args.order_seed,
+                     workers=args.workers)
+    source = {"format": args.format, "root": str(Path(args.root).resolve()),
+              "lists": str(Path(args.lists).resolve()) if args.lists else None}
+    result = pack_records(records, Path(args.out) / name, name, source, cfg, progress=not args.no_progress,
+                          force=args.force)
     log.info("%s", result.summary(name))
     if result.rejected:
         log.warning("%d image(s) rejected: see %s", result.rejected, result.out_dir / "rejects.tsv")
@@ -128,13 +124,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .ray_launch import run_training
     from .train_config import TrainConfig
 
-    try:
-        cfg = load_yaml(TrainConfig, args.config, parse_overrides(args.set))
-        if args.workers:
+    cfg = load_yaml(TrainConfig, args.config, parse_overrides(args.set))
+    if args.workers is not None:
+        try:
             cfg = dataclasses.replace(cfg, workers=args.workers)
-    except (ConfigError, ValueError) as exc:
-        log.error("%s", exc)
-        return 2
+        except ValueError as exc:
+            raise ConfigError(f"--workers: {exc}") from None
     metrics = run_training(cfg, address=args.address)
     best = {k[5:]: v for k, v in metrics.items() if k.startswith("best/") and k.endswith("srcc")}
     log.info("finished: %s; outputs in %s", ", ".join(f"{k} {v:.3f}" for k, v in best.items()), cfg.run_dir)
@@ -146,7 +141,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .checkpoint import CheckpointError
     from .config import ConfigError, load_yaml, parse_overrides
     from .crops import CropConfig
     from .evaluation import TABLE_HEADER, evaluate_shards, table_row, write_results
@@ -154,33 +148,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .model import ModelConfig, build_model
     from .train_config import TrainConfig
 
-    try:
-        if args.config:
-            cfg = load_yaml(TrainConfig, args.config, parse_overrides(args.set))
-            model_cfg, crops, seed = cfg.model, cfg.crops, cfg.seed
-            shards = args.shards or [d.shards for d in cfg.datasets]
-            split = cfg.split if args.split is None else args.split
-            batch = cfg.eval_batch
-        else:
-            if args.set:
-                raise ConfigError("--set needs --config")
-            model_cfg = ModelConfig(name=args.model or "ViT-B-32")
-            crops, seed, shards = CropConfig(), 0, args.shards
-            split, batch = args.split or 0, 8
-        changes = {k: v for k, v in (("checkpoint", args.checkpoint), ("pretrained", args.pretrained),
-                                    ("precision", args.precision and resolve_precision(args.precision)))
-                   if v is not None}
-        if args.model and args.config:
-            changes["name"] = args.model
-        model_cfg = dataclasses.replace(model_cfg, **changes)
-        if not shards:
-            raise ConfigError("no shard sets: give SHARDS or --config")
-        torch.manual_seed(seed)  # the initial weights training with this config would start from
-        model = build_model(model_cfg)
-        results = evaluate_shards(model, shards, split, args.part, crops, batch, progress=not args.no_progress)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 2
+    if args.config:
+        cfg = load_yaml(TrainConfig, args.config, parse_overrides(args.set))
+        model_cfg, crops, seed = cfg.model, cfg.crops, cfg.seed
+        shards = args.shards or [d.shards for d in cfg.datasets]
+        split = cfg.split if args.split is None else args.split
+        batch = cfg.eval_batch
+    else:
+        if args.set:
+            raise ConfigError("--set needs --config")
+        model_cfg = ModelConfig(name=args.model or "ViT-B-32")
+        crops, seed, shards = CropConfig(), 0, args.shards
+        split, batch = args.split or 0, 8
+    changes = {k: v for k, v in (("checkpoint", args.checkpoint), ("pretrained", args.pretrained),
+                                ("precision", args.precision and resolve_precision(args.precision)))
+               if v is not None}
+    if args.model and args.config:
+        changes["name"] = args.model
+    model_cfg = dataclasses.replace(model_cfg, **changes)
+    if not shards:
+        raise ConfigError("no shard sets: give SHARDS or --config")
+    torch.manual_seed(seed)  # the initial weights training with this config would start from
+    model = build_model(model_cfg)
+    results = evaluate_shards(model, shards, split, args.part, crops, batch, progress=not args.no_progress)
     weights = model_cfg.checkpoint or (f"pretrained {model_cfg.pretrained}" if model_cfg.pretrained else "random")
     label = f"{model_cfg.name} ({Path(weights).name if model_cfg.checkpoint else weights})"
     print(f"\n{args.part} part of split {split}, {crops.eval_crops} crops per image\n")
@@ -196,6 +186,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liqe-dist", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("score", help="score images: quality in [1, 5], scene, distortion")
@@ -274,9 +265,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; an expected failure (bad file, bad config, unreadable weights or image) is
+    one line naming what is wrong and exit code 2, its traceback only with ``--debug``."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .images import ImageDecodeError
+
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    return args.func(args)
+    setup_logging(args.verbose or args.debug)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    except (ConfigError, CheckpointError, ImageDecodeError, OSError, ValueError) as exc:
+        if args.debug:
+            raise
+        log.error("%s", _one_line(exc))
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text = f"{exc.filename}: {text}"
+    return text.splitlines()[0] if "\n" in text else text
 
 
 

@@ -67,8 +67,13 @@ class ModelConfig:
                              f"[quality], got {list(self.tasks)}")
         if self.quality_levels not in (2, 5):
             raise ValueError(f"model.quality_levels must be 5 or 2, got {self.quality_levels}")
-        if self.name in open_clip.list_models():  # an unknown name fails when the model is built
+        if self.checkpoint is not None and not Path(self.checkpoint).is_file():
+            raise ValueError(f"model.checkpoint: no such file {self.checkpoint!r}")
+        if self.name in open_clip.list_models():
             resolve_quick_gelu(self.name, self.pretrained, self.quick_gelu)
+        elif self.checkpoint is None:  # a project checkpoint names its own architecture
+            raise ValueError(f"model.name: unknown model {self.name!r} (open_clip names such as ViT-B-32, "
+                             f"or a project config: liqe-tiny, liqe-tiny-rn, liqe-small)")
 
     def vocabulary(self) -> Vocabulary:
         return Vocabulary.for_tasks("quality" in self.tasks, "scene" in self.tasks,

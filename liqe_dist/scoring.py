@@ -7,6 +7,7 @@ the rest are scored.
 
 from __future__ import annotations
 
+import math
 import csv
 import json
 import sys
@@ -131,6 +132,8 @@ class Scorer:
                             distortion_prob=float(dp[k]), width=c.size[0], height=c.size[1],
                             upsampled=c.upsampled)
                 for src, _, err in batch:
+                    if err is None and not math.isfinite(results[src].quality):
+                        err = "the model's score is not a number (are its weights NaN?)"
                     yield ScoreFailure(src, err) if err is not None else results[src]
                 bar.update(len(batch))
         bar.close()

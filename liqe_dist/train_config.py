@@ -67,6 +67,13 @@ class TrainConfig:
         for key in ("steps_per_epoch", "workers", "checkpoint_every", "eval_batch"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("loader_workers", "max_failures", "keep_checkpoints"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.shuffle_buffer < 1 or self.eval_every_epochs < 1:
+            raise ValueError("shuffle_buffer and eval_every_epochs must be >= 1")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0 (0: evaluate without training), got {self.epochs}")
         if not 0 <= self.split < 10:

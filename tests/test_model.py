@@ -181,5 +181,7 @@ def test_model_config_rejects_bad_values():
         ModelConfig(precision="fp16")
     with pytest.raises(ValueError, match="tasks"):
         ModelConfig(tasks=("quality", "aesthetics"))
-    with pytest.raises(ValueError, match="unknown model name"):
-        build_model(ModelConfig(name="ViT-Q-99"))
+    with pytest.raises(ValueError, match="model.name: unknown model 'ViT-Q-99'"):
+        ModelConfig(name="ViT-Q-99")
+    with pytest.raises(ValueError, match="model.checkpoint: no such file"):
+        ModelConfig(name="liqe-tiny", checkpoint="/nonexistent/w.safetensors")

@@ -144,4 +144,4 @@ def test_cli_pack_verify_info(tmp_path, capsys):
     assert "mine" in printed and "10 by reference" in printed
     rows = shards_info(out)
     assert rows[0]["samples"] == 6
-    assert main(["pack", "csv", str(tmp_path / "nope.csv"), "--out", str(out), "--no-progress"]) == 1
+    assert main(["pack", "csv", str(tmp_path / "nope.csv"), "--out", str(out), "--no-progress"]) == 2

@@ -123,4 +123,4 @@ def test_unusable_checkpoint_is_one_line_naming_the_file(tmp_path, image_folder,
     assert main(["score", str(image_folder / "a_good.png"), "--model", "liqe-tiny", "--checkpoint", str(garbage)]) == 2
     assert "weights.pt: cannot be read with torch.load(weights_only=True)" in caplog.text
     assert main(["score", str(image_folder / "a_good.png"), "--model", "ViT-Q-99"]) == 2
-    assert "unknown model name 'ViT-Q-99'" in caplog.text
+    assert "unknown model 'ViT-Q-99'" in caplog.text

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import random
 import time
@@ -81,6 +82,15 @@ class PackResult:
             return f"{dataset}: up to date ({self.samples} images in {self.shards} shards) at {self.out_dir}"
         return (f"packed {dataset}: {self.samples} images in {self.shards} shard(s) "
                 f"({self.bytes / 1e6:.1f} MB), {self.rejected} rejected -> {self.out_dir}")
+
+
+def label_problem(rec: Record) -> str:
+    """Why a record's labels cannot be packed ("" when they can): a MOS or MOS std that is not a
+    finite number would poison every pair it is in."""
+    for name, value in (("MOS", rec.mos), ("MOS std", rec.mos_std)):
+        if value is not None and not math.isfinite(value):
+            return f"{name} {value} is not a finite number"
+    return ""
 
 
 def check_unique_keys(records: list[Record]) -> None:
@@ -178,6 +188,15 @@ def pack_records(records: list[Record], out_dir: Path, dataset: str, source: dic
     label_counts = {"mos": 0, "mos_std": 0, "scenes": 0, "distortion": 0, "reference": 0}
     written: list[Record] = []
     mos_values = []
+    packable = []
+    for rec in records:
+        problem = label_problem(rec)
+        if problem:
+            rejects.append((rec.source, rec.path or "", problem))
+            log.warning("rejected %s (%s): %s", rec.path or rec.key, rec.source, problem)
+        else:
+            packable.append(rec)
+    records = packable
     jobs = ((r, cfg.max_pixels) for r in records)
     # fork: workers start at once (spawn re-imports the caller's modules, torch included, which
     # costs seconds per worker); they only run PIL decoders, which are fork-safe.
@@ -233,7 +252,11 @@ def read_manifest(shard_dir: Path) -> dict:
     path = Path(shard_dir) / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"{path}: no manifest (not a packed shard set, or packing did not finish)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        manifest = manifest if isinstance(manifest, dict) else {}
         raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest

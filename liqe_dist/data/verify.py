@@ -75,19 +75,25 @@ def verify_shards(shard_dir: str | Path, decode: bool = True, progress: bool = T
 def shards_info(root: str | Path) -> list[dict]:
     """One row per shard set under ``root`` (or ``root`` itself if it is one)."""
     root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder")
     dirs = [root] if (root / MANIFEST).exists() else sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
     rows = []
     for d in dirs:
         m = read_manifest(d)
-        first = m["splits"]["counts"][0]
-        rows.append({
-            "dataset": m["dataset"], "samples": m["samples"], "rejected": m["rejected"],
-            "shards": len(m["shards"]), "MB": round(sum(s["bytes"] for s in m["shards"]) / 1e6, 1),
-            "splits": f"{m['splits']['count']} by {m['splits']['by']}",
-            "split 1 train/val/test": f"{first['train']}/{first['val']}/{first['test']}",
-            "MOS range": f"{m['mos_range'][0]:.3g}..{m['mos_range'][1]:.3g}",
-            "scenes": m["labels"]["scenes"], "distortion": m["labels"]["distortion"], "path": str(d),
-        })
+        try:
+            first = m["splits"]["counts"][0]
+            row = {
+                "dataset": m["dataset"], "samples": m["samples"], "rejected": m["rejected"],
+                "shards": len(m["shards"]), "MB": round(sum(s["bytes"] for s in m["shards"]) / 1e6, 1),
+                "splits": f"{m['splits']['count']} by {m['splits']['by']}",
+                "split 1 train/val/test": f"{first['train']}/{first['val']}/{first['test']}",
+                "MOS range": f"{m['mos_range'][0]:.3g}..{m['mos_range'][1]:.3g}",
+                "scenes": m["labels"]["scenes"], "distortion": m["labels"]["distortion"], "path": str(d),
+            }
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ValueError(f"{d / MANIFEST}: malformed manifest (missing or wrong {exc})") from None
+        rows.append(row)
     return rows
 
 

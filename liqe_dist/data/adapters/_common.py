@@ -28,9 +28,15 @@ def read_table(path: Path) -> list[dict[str, str]]:
         ws = openpyxl.load_workbook(path, read_only=True, data_only=True).worksheets[0]
         rows = [[("" if v is None else str(v)) for v in row] for row in ws.iter_rows(values_only=True)]
     else:
-        text = path.read_text(encoding="utf-8-sig")
-        dialect = csv.excel_tab if "\t" in text.splitlines()[0] else csv.excel
-        rows = list(csv.reader(text.splitlines(), dialect))
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as exc:
+            raise DatasetFormatError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        dialect = csv.excel_tab if lines and "\t" in lines[0] else csv.excel
+        try:
+            rows = list(csv.reader(lines, dialect))
+        except csv.Error as exc:  # e.g. a field over the csv module's size limit
+            raise DatasetFormatError(f"{path}: not a readable table ({exc})") from None
     rows = [r for r in rows if any(c.strip() for c in r)]
     if not rows:
         raise DatasetFormatError(f"{path}: empty table")
@@ -38,11 +44,15 @@ def read_table(path: Path) -> list[dict[str, str]]:
     return [dict(zip(header, (c.strip() for c in r))) for r in rows[1:]]
 
 
-def column(row: dict[str, str], path: Path, *names: str) -> str:
-    """The first of ``names`` present in ``row`` (header names are lower-case)."""
+def column(row: dict[str, str], path: Path, *names: str, where: str | None = None) -> str:
+    """The first of ``names`` present in ``row`` (header names are lower-case); an empty cell
+    is named as such (``where``: the row), not as a missing column."""
     for n in names:
         if n in row and row[n] != "":
             return row[n]
+    present = [n for n in names if n in row]
+    if present:
+        raise DatasetFormatError(f"{where or path}: empty {present[0]} cell")
     raise DatasetFormatError(f"{path}: no column {' / '.join(names)} (have {', '.join(row)})")
 
 

@@ -20,7 +20,7 @@ def read_generic_csv(table: Path, dataset: str, image_root: Path | None = None) 
     seen: dict[str, str] = {}
     for i, row in enumerate(rows, 2):
         where = f"{table}:{i}"
-        rel = column(row, table, "path", "image", "file")
+        rel = column(row, table, "path", "image", "file", where=where)
         key = make_key(dataset, rel)
         if key in seen:
             raise DatasetFormatError(f"duplicate key {key!r}: {seen[key]} and {where}")
@@ -29,7 +29,7 @@ def read_generic_csv(table: Path, dataset: str, image_root: Path | None = None) 
         scenes = tuple(s.strip() for s in (row.get("scenes") or "").split(";") if s.strip())
         try:
             out.append(Record(
-                key=key, dataset=dataset, mos=to_float(column(row, table, "mos"), table, f"line {i}"),
+                key=key, dataset=dataset, mos=to_float(column(row, table, "mos", where=where), table, f"line {i}"),
                 source=where, path=str(Path(rel) if Path(rel).is_absolute() else root / rel),
                 mos_std=to_float(std, table, f"line {i}") if std else None,
                 distortion_fine=row.get("distortion") or None, scenes=scenes,

@@ -1,0 +1,95 @@
+"""A sweep of the command line with bad inputs: each ends with a non-zero exit code and an error
+line naming the file or key, never a traceback (unless --debug)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import photo
+from liqe_dist.cli import main
+
+GOOD_DATASET = "datasets: [{name: a, shards: SHARDS}]\nmodel: {name: liqe-tiny}\n"
+
+
+@pytest.fixture
+def files(tmp_path):
+    photo(256, 256).save(tmp_path / "ok.png")
+    (tmp_path / "garbage.pt").write_text("not a checkpoint")
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "nomanifest").mkdir()
+    bad = tmp_path / "badmanifest"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{not json")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text(json.dumps({"format": "liqe-dist/shards-1", "dataset": "x"}))
+    cfg = GOOD_DATASET.replace("SHARDS", str(tmp_path / "nomanifest"))
+    (tmp_path / "good.yaml").write_text(cfg)
+    (tmp_path / "dup.yaml").write_text(cfg + "epochs: 3\nepochs: 4\n")
+    (tmp_path / "nan.yaml").write_text(cfg + "optim: {lr: .nan}\n")
+    (tmp_path / "neg.yaml").write_text(cfg + "loader_workers: -1\n")
+    (tmp_path / "model.yaml").write_text(cfg.replace("liqe-tiny", "ViT-Q-99"))
+    (tmp_path / "ckpt.yaml").write_text(cfg.replace("model: {name: liqe-tiny}",
+                                                    "model: {name: liqe-tiny, checkpoint: /nope/w.pt}"))
+    return tmp_path
+
+
+CASES = [
+    (["score", "{t}/missing.jpg"], "missing.jpg: no such file or folder"),
+    (["score", "{t}/ok.png", "--model", "liqe-tiny", "--checkpoint", "{t}/garbage.pt"], "garbage.pt: cannot be read"),
+    (["score", "{t}/ok.png", "--model", "ViT-Q-99"], "unknown model 'ViT-Q-99'"),
+    (["pack", "csv", "{t}/missing.csv", "--no-progress"], "missing.csv"),
+    (["pack", "csv", "{t}/empty.csv", "--no-progress"], "empty.csv"),
+    (["shards", "info", "{t}/nowhere"], "nowhere: no such folder"),
+    (["shards", "info", "{t}/badmanifest"], "badmanifest/manifest.json: unreadable manifest"),
+    (["shards", "info", "{t}/foreign"], "foreign/manifest.json: malformed manifest"),
+    (["shards", "verify", "{t}/nomanifest", "--no-progress"], "nomanifest/manifest.json: no manifest"),
+    (["train", "--config", "{t}/missing.yaml"], "missing.yaml: cannot read config"),
+    (["train", "--config", "{t}/dup.yaml"], "duplicate key 'epochs'"),
+    (["train", "--config", "{t}/nan.yaml"], "optim.lr: expected a finite number"),
+    (["train", "--config", "{t}/neg.yaml"], "loader_workers must be >= 0"),
+    (["train", "--config", "{t}/model.yaml"], "model.name: unknown model 'ViT-Q-99'"),
+    (["train", "--config", "{t}/ckpt.yaml"], "model.checkpoint: no such file"),
+    (["train", "--config", "{t}/good.yaml", "--workers", "0"], "workers must be >= 1"),
+    (["train", "--config", "{t}/good.yaml"], "nomanifest/manifest.json: no manifest"),  # before Ray starts
+    (["eval", "{t}/nomanifest", "--model", "liqe-tiny", "--no-progress"], "no manifest"),
+    (["eval", "--config", "{t}/good.yaml", "--checkpoint", "{t}/nope.safetensors"], "no such file"),
+]
+
+
+@pytest.mark.parametrize("argv,message", CASES, ids=[" ".join(a[:2]) + f" {i}" for i, (a, _) in enumerate(CASES)])
+def test_bad_input_is_one_line_and_a_nonzero_exit(files, caplog, capsys, argv, message):
+    code = main([a.format(t=files) for a in argv])  # an uncaught exception would fail the test here
+    assert code != 0
+    logged = caplog.text + capsys.readouterr().err
+    assert message in logged, logged
+    assert "Traceback" not in logged
+
+
+def test_debug_shows_the_traceback(files):
+    with pytest.raises(ValueError, match="duplicate key"):
+        main(["--debug", "train", "--config", str(files / "dup.yaml")])
+
+
+def test_table_problems_are_named(tmp_path):
+    """Empty cells, non-finite MOS and oversized fields: named, and a NaN MOS is a reject, not a label."""
+    from liqe_dist.data.adapters import DatasetFormatError, read_dataset
+    from liqe_dist.data.packing import PackConfig, pack_records
+
+    photo(240, 240).save(tmp_path / "a.png")
+    photo(240, 240, 1).save(tmp_path / "b.png")
+    (tmp_path / "t.csv").write_text("path,mos\na.png,\n")
+    with pytest.raises(DatasetFormatError, match=r"t.csv:2: empty mos cell"):
+        read_dataset("csv", tmp_path / "t.csv", "t")
+    (tmp_path / "t.csv").write_text("path,mos\na.png," + "9" * 200_000 + "\n")
+    with pytest.raises(DatasetFormatError, match="not a readable table"):
+        read_dataset("csv", tmp_path / "t.csv", "t")
+    (tmp_path / "t.csv").write_text("path,mos\na.png,nan\nb.png,3\n")
+    result = pack_records(read_dataset("csv", tmp_path / "t.csv", "t"), tmp_path / "s", "t", {},
+                          PackConfig(workers=1), progress=False)
+    assert (result.samples, result.rejected) == (1, 1)
+    assert "MOS nan is not a finite number" in (tmp_path / "s" / "rejects.tsv").read_text()
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["mos_range"] == [3.0, 3.0]
