@@ -57,7 +57,11 @@ def cmd_score(args: argparse.Namespace) -> int:
             else:
                 yield r
 
-    out = open(args.output, "w", newline="") if args.output else sys.stdout
+    if args.output:
+        out = open(args.output, "w", newline="", encoding="utf-8", errors="surrogateescape")
+    else:
+        sys.stdout.reconfigure(errors="surrogateescape")  # non-UTF-8 file names: their bytes
+        out = sys.stdout
     try:
         n = write_scores(good_results(), out, args.format)
     finally:

@@ -7,9 +7,10 @@ the rest are scored.
 
 from __future__ import annotations
 
-import math
 import csv
 import json
+import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,7 +64,9 @@ def expand_sources(paths: Iterable[str | Path]) -> tuple[list[str], list[ScoreFa
                 failures.append(ScoreFailure(str(path), "folder holds no image files"))
             sources.extend(found)
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-            for line in path.read_text().splitlines():
+            # paths are bytes on POSIX: decode as the file system does (undecodable bytes become
+            # surrogate escapes), so any name the list holds round-trips to the same file
+            for line in (os.fsdecode(b) for b in path.read_bytes().splitlines()):
                 line = line.strip()
                 if line and not line.startswith("#"):
                     entry = Path(line)
@@ -151,7 +154,10 @@ class Scorer:
 
 
 def write_scores(results: Iterable[ImageScore], stream: IO[str], fmt: str = "csv") -> int:
-    """Write scores as CSV (with header) or JSON lines; returns how many were written."""
+    """Write scores as CSV (with header) or JSON lines, flushing row by row (an interrupted run
+    keeps what it scored); returns how many were written. Open ``stream`` with
+    ``errors="surrogateescape"`` so file names that are not valid UTF-8 are written as their
+    original bytes (JSON escapes them)."""
     n = 0
     writer = None
     for r in results:
@@ -165,5 +171,6 @@ def write_scores(results: Iterable[ImageScore], stream: IO[str], fmt: str = "csv
                 writer = csv.DictWriter(stream, fieldnames=list(row))
                 writer.writeheader()
             writer.writerow(row)
+        stream.flush()
         n += 1
     return n

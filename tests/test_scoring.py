@@ -124,3 +124,29 @@ def test_unusable_checkpoint_is_one_line_naming_the_file(tmp_path, image_folder,
     assert "weights.pt: cannot be read with torch.load(weights_only=True)" in caplog.text
     assert main(["score", str(image_folder / "a_good.png"), "--model", "ViT-Q-99"]) == 2
     assert "unknown model 'ViT-Q-99'" in caplog.text
+
+
+def test_file_names_that_are_not_utf8_round_trip(tmp_path, capsysbinary):
+    """A Latin-1 name (b'caf\\xe9.png') in a folder and in a list file: every row is written, and
+    the path read back from the output names the same file."""
+    import csv as csv_module
+    import os
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    latin = os.fsdecode(b"caf\xe9.png")  # not valid UTF-8: a surrogate escape in the str
+    photo(240, 240, 1).save(folder / latin)
+    photo(240, 240, 2).save(folder / "plain.png")
+    (tmp_path / "list.txt").write_bytes(b"imgs/caf\xe9.png\nimgs/plain.png\n")
+    out = tmp_path / "scores.csv"
+    assert main(["score", str(folder), str(tmp_path / "list.txt"), "--model", "liqe-tiny", "--no-progress",
+                 "-o", str(out)]) == 0
+    with open(out, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = list(csv_module.DictReader(f))
+    assert len(rows) == 4
+    assert all(os.path.exists(r["source"]) for r in rows)
+    assert sum(r["source"].endswith(latin) for r in rows) == 2
+    assert b"caf\xe9.png" in out.read_bytes()  # the name's own bytes
+    assert main(["score", str(tmp_path / "list.txt"), "--model", "liqe-tiny", "--no-progress", "--format", "jsonl"]) == 0
+    lines = [json.loads(line) for line in capsysbinary.readouterr().out.splitlines()]
+    assert [os.path.exists(r["source"]) for r in lines] == [True, True]
