@@ -195,7 +195,7 @@ def test_reference_label_lists_with_given_splits(tmp_path):
 def test_label_list_errors_name_the_line(tmp_path):
     lst = tmp_path / "l.txt"
     write_list(lst, [["a.bmp", 1, "blur", "animal", "invalid", "invalid"], ["a.bmp", 2, "blur", "animal", "invalid", "invalid"]])
-    with pytest.raises(DatasetFormatError, match=r"duplicate key 'x_a': .*l\.txt:1 and .*l\.txt:2"):
+    with pytest.raises(DatasetFormatError, match=r"duplicate entry 'a.bmp': .*l\.txt:1 and .*l\.txt:2"):
         read_label_lists(lst, tmp_path, "x")
     write_list(lst, [["a.bmp", 1, "blur", "spaceship", "invalid", "invalid"]])
     with pytest.raises(DatasetFormatError, match=r"l\.txt:1: .*unknown scene"):

@@ -70,11 +70,29 @@ def test_broken_files_are_rejected_and_reported(tmp_path):
     assert verify_shards(tmp_path / "shards" / "toy", progress=False).ok
 
 
-def test_duplicate_keys_name_both_sources(tmp_path):
-    a = Record(key="d_x", dataset="d", mos=1.0, source="first.csv:2", data=b"x", ext="png")
-    b = Record(key="d_x", dataset="d", mos=2.0, source="second.csv:9", data=b"y", ext="png")
-    with pytest.raises(ValueError, match=r"duplicate key 'd_x': first\.csv:2 and second\.csv:9"):
+def test_the_same_file_twice_names_both_sources(tmp_path):
+    photo(240, 240).save(tmp_path / "x.png")
+    a = Record(key="d_x", dataset="d", mos=1.0, source="first.csv:2", path=str(tmp_path / "x.png"))
+    b = Record(key="d_x", dataset="d", mos=2.0, source="second.csv:9", path=str(tmp_path / "x.png"))
+    with pytest.raises(ValueError, match=r"duplicate entry .*x\.png.*: first\.csv:2 and second\.csv:9"):
         pack_records([a, b], tmp_path / "d", "d", {}, progress=False)
+
+
+def test_distinct_files_get_distinct_keys(tmp_path):
+    """Names that differ only in extension or in characters a key cannot hold share a readable
+    key; every file is still packed, under its own key."""
+    names = ["a.png", "a.jpg", "café.png", "caf_.png", "cafe.png"]
+    for i, name in enumerate(names):
+        photo(240, 240, i).save(tmp_path / name, format="PNG" if name.endswith("png") else "JPEG")
+    (tmp_path / "labels.csv").write_text("path,mos\n" + "".join(f"{n},{i}\n" for i, n in enumerate(names)),
+                                         encoding="utf-8")
+    recs = read_dataset("csv", tmp_path / "labels.csv", "d")
+    result = pack_records(recs, tmp_path / "shards", "d", {}, PackConfig(workers=1), progress=False)
+    assert result.samples == 5 and result.rejected == 0
+    keys = sorted(r.key for r in recs)
+    assert len(set(keys)) == 5 and "d_cafe" in keys  # an unambiguous name keeps its readable key
+    assert sum(k.startswith("d_a_") for k in keys) == 2 and sum(k.startswith("d_caf_") for k in keys) == 2
+    assert verify_shards(tmp_path / "shards", progress=False).ok
 
 
 def test_rerun_skips_when_unchanged_and_rebuilds_cleanly(tmp_path):

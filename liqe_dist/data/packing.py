@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import multiprocessing as mp
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -93,13 +94,31 @@ def label_problem(rec: Record) -> str:
     return ""
 
 
-def check_unique_keys(records: list[Record]) -> None:
-    """Duplicate keys are an error naming both sources."""
-    seen: dict[str, str] = {}
+def _identity(r: Record) -> str:
+    return r.path if r.path is not None else r.source
+
+
+def unique_keys(records: list[Record]) -> None:
+    """Make keys unique for distinct files: readable keys drop the extension and characters a
+    key cannot hold, so ``a.png``/``a.jpg`` or ``café.png``/``cafe.png`` can meet; each record
+    of such a group gets a short hash of its path. The same file listed twice is an error
+    naming both sources."""
+    groups: dict[str, list[Record]] = {}
     for r in records:
-        if r.key in seen:
-            raise ValueError(f"duplicate key {r.key!r}: {seen[r.key]} and {r.source}")
-        seen[r.key] = r.source
+        groups.setdefault(r.key, []).append(r)
+    for key, group in groups.items():
+        if len(group) == 1:
+            continue
+        seen: dict[str, str] = {}
+        for r in group:
+            if _identity(r) in seen:
+                raise ValueError(f"duplicate entry {_identity(r)!r} (key {key!r}): {seen[_identity(r)]} and {r.source}")
+            seen[_identity(r)] = r.source
+        for r in group:
+            r.key = f"{key}_{hashlib.sha1(os.fsencode(_identity(r))).hexdigest()[:8]}"
+    taken = [r.key for r in records]
+    if len(set(taken)) != len(taken):  # a hashed key met a readable one: vanishingly rare, but never silent
+        raise ValueError("keys still collide after disambiguation; rename the files")
 
 
 def _fingerprint(records: list[Record], cfg: PackConfig) -> str:
@@ -168,7 +187,7 @@ def pack_records(records: list[Record], out_dir: Path, dataset: str, source: dic
     """Validate, split and write ``records`` as a shard set in ``out_dir``."""
     if not records:
         raise ValueError(f"{dataset}: no records to pack")
-    check_unique_keys(records)
+    unique_keys(records)
     split_info = assign_splits(records, count=cfg.splits, seed=cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(records, cfg)

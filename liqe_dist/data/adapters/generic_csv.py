@@ -22,9 +22,9 @@ def read_generic_csv(table: Path, dataset: str, image_root: Path | None = None) 
         where = f"{table}:{i}"
         rel = column(row, table, "path", "image", "file", where=where)
         key = make_key(dataset, rel)
-        if key in seen:
-            raise DatasetFormatError(f"duplicate key {key!r}: {seen[key]} and {where}")
-        seen[key] = where
+        if rel in seen:
+            raise DatasetFormatError(f"duplicate entry {rel!r}: {seen[rel]} and {where}")
+        seen[rel] = where
         std = row.get("std") or row.get("mos_std")
         scenes = tuple(s.strip() for s in (row.get("scenes") or "").split(";") if s.strip())
         try:

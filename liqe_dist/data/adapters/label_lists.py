@@ -54,7 +54,7 @@ def read_label_lists(lists: Path, image_root: Path, dataset: str, mos_higher_is_
         raise DatasetFormatError(f"{lists}: no such label list or folder")
     n_splits = max(i for i, _, _ in files) if files[0][1] else 0
     split_ids = sorted({i for i, _, _ in files}) if n_splits else []
-    records: dict[str, Record] = {}
+    records: dict[str, Record] = {}   # by relative path
     seen_in: dict[tuple[int, str], str] = {}
     for split, part, path in files:
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -63,10 +63,10 @@ def read_label_lists(lists: Path, image_root: Path, dataset: str, mos_higher_is_
             rel, mos, fine, scenes = _parse_line(line, path, lineno)
             key = make_key(dataset, rel)
             where = f"{path}:{lineno}"
-            if (split, key) in seen_in:
-                raise DatasetFormatError(f"duplicate key {key!r}: {seen_in[(split, key)]} and {where}")
-            seen_in[(split, key)] = where
-            rec = records.get(key)
+            if (split, rel) in seen_in:
+                raise DatasetFormatError(f"duplicate entry {rel!r}: {seen_in[(split, rel)]} and {where}")
+            seen_in[(split, rel)] = where
+            rec = records.get(rel)  # by path: distinct files may share a readable key
             if rec is None:
                 try:
                     rec = Record(key=key, dataset=dataset, mos=sign * mos, source=where,
@@ -74,7 +74,7 @@ def read_label_lists(lists: Path, image_root: Path, dataset: str, mos_higher_is_
                                  splits="-" * len(split_ids))
                 except (KeyError, ValueError) as exc:
                     raise DatasetFormatError(f"{where}: {exc}") from None
-                records[key] = rec
+                records[rel] = rec
             elif (rec.mos, rec.distortion_fine, rec.scenes) != (sign * mos, fine, scenes):
                 raise DatasetFormatError(f"{where}: labels of {rel!r} differ from {rec.source}")
             if part:
