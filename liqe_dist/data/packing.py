@@ -11,13 +11,18 @@ each hold a few references, and a training batch drawn through a shard shuffle a
 shuffle buffer would pair distorted versions of one photograph far more often than a uniform
 shuffle does (on a KADID-like set: 21 % of pairs against 1.7 %; `bash launch/bench.sh mixing`).
 
-Shards are written under a temporary name and renamed when complete; the manifest is written
-last, so its presence means the set is whole. Re-running with the same inputs and options finds
-the manifest's fingerprint unchanged and does nothing; otherwise the set is rebuilt cleanly.
+A set is built in a folder beside its destination (``.NAME.building``) and swapped in when
+complete, so an interrupted or failed rebuild (Ctrl-C, a full disk, SIGKILL) leaves the previous
+set as it was; the manifest is written last. A lock file (``.NAME.lock``) keeps two packs out of
+one set. Re-running with the same inputs and options (labels, image bytes of generated records,
+size and modification time of image files) finds the manifest's fingerprint unchanged and does
+nothing; otherwise the set is rebuilt.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -25,7 +30,10 @@ import math
 import multiprocessing as mp
 import os
 import random
+import shutil
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -128,10 +136,55 @@ def _fingerprint(records: list[Record], cfg: PackConfig) -> str:
         h.update(labels_to_json(r.labels()))
         if r.data is not None:
             h.update(hashlib.sha256(r.data).digest())
-        else:
-            p = Path(r.path)
-            h.update(f"{r.path}:{p.stat().st_size if p.exists() else -1}".encode())
+        else:  # size and modification time: an image re-saved at the same size is a change too
+            try:
+                st = os.stat(r.path)
+                h.update(f"{r.path}:{st.st_size}:{st.st_mtime_ns}".encode("utf-8", "surrogateescape"))
+            except OSError:
+                h.update(f"{r.path}:missing".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
+
+
+class PackingError(ValueError):
+    """Packing cannot go on (the set is being packed by another process, the disk is full);
+    the previous set, if any, is left as it was."""
+
+
+@contextmanager
+def _set_lock(out_dir: Path):
+    """Exclusive, non-blocking lock on a set's folder (released when the process ends, however)."""
+    lock_path = out_dir.parent / f".{out_dir.name}.lock"
+    with open(lock_path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PackingError(f"{out_dir}: another pack is writing this set (lock {lock_path})") from None
+        yield
+
+
+def _swap_in(build: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by ``build``: two renames, recoverable by :func:`_recover_swap`."""
+    old = out_dir.parent / f".{out_dir.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.rename(out_dir, old)
+    os.rename(build, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_swap(out_dir: Path) -> None:
+    """Finish what a swap interrupted between its renames left (the lock is held)."""
+    old = out_dir.parent / f".{out_dir.name}.old"
+    if old.exists():
+        if out_dir.exists():
+            shutil.rmtree(old)
+        else:
+            os.rename(old, out_dir)
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _ShardSink:
@@ -176,12 +229,6 @@ class _ShardSink:
         return self.shards
 
 
-def _clean(out_dir: Path) -> None:
-    for pattern in ("*.tar", "*.tar.partial", REJECTS, MANIFEST, MANIFEST + ".partial"):
-        for p in out_dir.glob(pattern):
-            p.unlink()
-
-
 def pack_records(records: list[Record], out_dir: Path, dataset: str, source: dict,
                  cfg: PackConfig = PackConfig(), progress: bool = True, force: bool = False) -> PackResult:
     """Validate, split and write ``records`` as a shard set in ``out_dir``."""
@@ -189,19 +236,39 @@ def pack_records(records: list[Record], out_dir: Path, dataset: str, source: dic
         raise ValueError(f"{dataset}: no records to pack")
     unique_keys(records)
     split_info = assign_splits(records, count=cfg.splits, seed=cfg.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(records, cfg)
     if cfg.order == "shuffled":
         records = list(records)
         random.Random(cfg.order_seed).shuffle(records)
-    manifest_path = out_dir / MANIFEST
-    if manifest_path.exists() and not force:
-        old = json.loads(manifest_path.read_text())
-        if old.get("fingerprint") == fingerprint and all((out_dir / s["name"]).exists() for s in old["shards"]):
-            return PackResult(out_dir, old["samples"], old["rejected"], len(old["shards"]),
-                              sum(s["bytes"] for s in old["shards"]), skipped=True)
-    _clean(out_dir)
+    with _set_lock(out_dir):
+        _recover_swap(out_dir)
+        manifest_path = out_dir / MANIFEST
+        if manifest_path.exists() and not force:
+            old = json.loads(manifest_path.read_text())
+            if old.get("fingerprint") == fingerprint and all((out_dir / s["name"]).exists() for s in old["shards"]):
+                return PackResult(out_dir, old["samples"], old["rejected"], len(old["shards"]),
+                                  sum(s["bytes"] for s in old["shards"]), skipped=True)
+        build = out_dir.parent / f".{out_dir.name}.building"
+        shutil.rmtree(build, ignore_errors=True)  # left by a killed run: the lock says none is running
+        build.mkdir()
+        try:
+            result = _write_set(records, build, dataset, source, cfg, split_info, fingerprint, progress)
+            _swap_in(build, out_dir)
+        except BaseException as exc:
+            shutil.rmtree(build, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise PackingError(f"{out_dir.parent}: no space left on device while packing {dataset}; "
+                                   f"{out_dir} was left as it was") from None
+            raise
+    result.out_dir = out_dir
+    return result
 
+
+def _write_set(records: list[Record], out_dir: Path, dataset: str, source: dict, cfg: PackConfig,
+               split_info: dict, fingerprint: str, progress: bool) -> PackResult:
+    """Validate and write every record into the (new, empty) folder ``out_dir``."""
     sink = _ShardSink(out_dir, dataset, cfg)
     rejects = []
     label_counts = {"mos": 0, "mos_std": 0, "scenes": 0, "distortion": 0, "reference": 0}
@@ -220,7 +287,7 @@ def pack_records(records: list[Record], out_dir: Path, dataset: str, source: dic
     # fork: workers start at once (spawn re-imports the caller's modules, torch included, which
     # costs seconds per worker); they only run PIL decoders, which are fork-safe.
     ctx = mp.get_context("fork") if cfg.workers > 1 else None
-    pool = ctx.Pool(cfg.workers) if ctx else None
+    pool = ctx.Pool(cfg.workers, initializer=_ignore_sigint) if ctx else None
     started = time.perf_counter()
     try:
         results = pool.imap(validate_record, jobs, chunksize=8) if pool else map(validate_record, jobs)
@@ -239,6 +306,12 @@ def pack_records(records: list[Record], out_dir: Path, dataset: str, source: dic
                               ("scenes", bool(rec.scenes)), ("distortion", rec.distortion is not None),
                               ("reference", rec.reference is not None)):
                 label_counts[name] += has
+    except BaseException:
+        if pool:
+            pool.terminate()  # close() + join() would wait for work nobody will read (Ctrl-C hung here)
+            pool.join()
+            pool = None
+        raise
     finally:
         if pool:
             pool.close()
@@ -262,7 +335,7 @@ def pack_records(records: list[Record], out_dir: Path, dataset: str, source: dic
     }
     tmp = out_dir / (MANIFEST + ".partial")
     tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(manifest_path)
+    tmp.replace(out_dir / MANIFEST)
     return PackResult(out_dir, len(written), len(rejects), len(shards), sum(s["bytes"] for s in shards), False)
 
 
