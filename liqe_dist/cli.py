@@ -81,7 +81,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     records = read_dataset(args.format, Path(args.root), name, Path(args.lists) if args.lists else None)
     cfg = PackConfig(shard_max_bytes=int(args.shard_max_mb * 1024 * 1024), shard_max_count=args.shard_max_count,
                      splits=args.splits, seed=args.seed, order=args.order, order_seed=args.order_seed,
-                     workers=args.workers)
+                     workers=args.workers, max_pixels=int(args.max_megapixels * 1_000_000))
     source = {"format": args.format, "root": str(Path(args.root).resolve()),
               "lists": str(Path(args.lists).resolve()) if args.lists else None}
     result = pack_records(records, Path(args.out) / name, name, source, cfg, progress=not args.no_progress,
@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", choices=["shuffled", "source"], default="shuffled",
                    help="record order in the shards: seeded random (mixes references in every shard) or as listed")
     p.add_argument("--order-seed", type=int, default=0, help="seed of the shuffled record order")
+    p.add_argument("--max-megapixels", type=float, default=200.0,
+                   help="larger images are rejected as likely decompression bombs (from their header)")
     p.add_argument("--shard-max-mb", type=float, default=256.0)
     p.add_argument("--shard-max-count", type=int, default=2000)
     p.add_argument("--workers", type=int, default=2, help="decoding processes")

@@ -180,6 +180,8 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):

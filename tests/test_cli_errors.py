@@ -93,3 +93,40 @@ def test_table_problems_are_named(tmp_path):
     assert "MOS nan is not a finite number" in (tmp_path / "s" / "rejects.tsv").read_text()
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["mos_range"] == [3.0, 3.0]
+
+
+def test_text_that_is_not_utf8_is_named(tmp_path):
+    from liqe_dist.config import ConfigError, load_yaml
+    from liqe_dist.data.adapters import DatasetFormatError
+    from liqe_dist.data.adapters.label_lists import read_label_lists
+    from liqe_dist.train_config import TrainConfig
+
+    (tmp_path / "l.txt").write_bytes(b"caf\xe9.bmp\t1\tblur\tanimal\tinvalid\tinvalid\n")
+    with pytest.raises(DatasetFormatError, match=r"l\.txt: not utf-8 text"):
+        read_label_lists(tmp_path / "l.txt", tmp_path, "x")
+    (tmp_path / "c.yaml").write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: not UTF-8 text"):
+        load_yaml(TrainConfig, tmp_path / "c.yaml")
+
+
+def test_zero_size_and_pickled_inputs_are_refused_plainly(tmp_path):
+    import pickle
+    import struct
+    import zlib
+
+    from liqe_dist.checkpoint import CheckpointError, read_state_dict
+    from liqe_dist.images import ImageDecodeError, decode_image
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    zero = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    with pytest.raises(ImageDecodeError, match="zero.png: "):
+        decode_image(zero, "zero.png")
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"x": object()}, f)
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(tmp_path / "evil.pt")
+    assert "evil.pt: cannot be read with torch.load(weights_only=True)" in str(info.value)
+    assert "weights_only=False" not in str(info.value) and "will likely succeed" not in str(info.value)

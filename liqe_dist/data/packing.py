@@ -69,6 +69,8 @@ class PackConfig:
     max_pixels: int = MAX_PIXELS
 
     def __post_init__(self) -> None:
+        if self.max_pixels < 1:
+            raise ValueError(f"pack: max_pixels must be >= 1, got {self.max_pixels}")
         if self.order not in ("shuffled", "source"):
             raise ValueError(f"pack.order must be shuffled or source, got {self.order!r}")
         if self.shard_max_count < 1 or self.shard_max_bytes < 1:

@@ -18,6 +18,14 @@ def require(path: Path, what: str) -> Path:
     return path
 
 
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """A text file's contents; one that is not valid ``encoding`` is a format error naming it."""
+    try:
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError as exc:
+        raise DatasetFormatError(f"{path}: not {encoding} text ({exc.reason} at byte {exc.start})") from None
+
+
 def read_table(path: Path) -> list[dict[str, str]]:
     """Rows of a CSV/TSV (header line) or an .xlsx (first sheet) as dicts of strings,
     with header names lower-cased and stripped."""
@@ -28,10 +36,7 @@ def read_table(path: Path) -> list[dict[str, str]]:
         ws = openpyxl.load_workbook(path, read_only=True, data_only=True).worksheets[0]
         rows = [[("" if v is None else str(v)) for v in row] for row in ws.iter_rows(values_only=True)]
     else:
-        try:
-            lines = path.read_text(encoding="utf-8-sig").splitlines()
-        except UnicodeDecodeError as exc:
-            raise DatasetFormatError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        lines = read_text(path, "utf-8-sig").splitlines()
         dialect = csv.excel_tab if lines and "\t" in lines[0] else csv.excel
         try:
             rows = list(csv.reader(lines, dialect))

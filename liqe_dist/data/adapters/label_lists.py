@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from ..records import Record, make_key, split_code
-from ._common import DatasetFormatError, to_float
+from ._common import DatasetFormatError, read_text, to_float
 
 _PART = re.compile(r"(train|val|test)", re.I)
 
@@ -57,7 +57,7 @@ def read_label_lists(lists: Path, image_root: Path, dataset: str, mos_higher_is_
     records: dict[str, Record] = {}   # by relative path
     seen_in: dict[tuple[int, str], str] = {}
     for split, part, path in files:
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             rel, mos, fine, scenes = _parse_line(line, path, lineno)

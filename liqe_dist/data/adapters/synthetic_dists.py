@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..records import Record, make_key
 from ._common import (DatasetFormatError, FileIndex, column, load_mat, mat_numbers, mat_strings,
-                      read_table, require, to_float)
+                      read_table, read_text, require, to_float)
 
 LIVE_FOLDERS = ("jp2k", "jpeg", "wn", "gblur", "fastfading")  # the order of dmos.mat
 
@@ -127,10 +127,10 @@ def read_tid2013(root: Path, dataset: str = "tid2013") -> list[Record]:
     mos_std.txt in the same order, distorted_images/i<ref>_<type>_<level>.bmp."""
     listing = require(root / "mos_with_names.txt", "TID2013 MOS list")
     std_file = root / "mos_std.txt"
-    stds = [float(s) for s in std_file.read_text().split()] if std_file.exists() else None
+    stds = [float(s) for s in read_text(std_file).split()] if std_file.exists() else None
     files = FileIndex(root / "distorted_images")
     out = []
-    lines = [ln for ln in listing.read_text().splitlines() if ln.strip()]
+    lines = [ln for ln in read_text(listing).splitlines() if ln.strip()]
     if stds is not None and len(stds) != len(lines):
         raise DatasetFormatError(f"{std_file}: {len(stds)} values for {len(lines)} images in {listing}")
     for i, line in enumerate(lines):
@@ -157,7 +157,7 @@ def read_pipal(root: Path, dataset: str = "pipal") -> list[Record]:
     files = FileIndex(root)
     out = []
     for txt in sorted(labels.glob("*.txt")):
-        for i, line in enumerate(txt.read_text().splitlines(), 1):
+        for i, line in enumerate(read_text(txt).splitlines(), 1):
             if not line.strip():
                 continue
             where = f"{txt}:{i}"
