@@ -130,6 +130,7 @@ _TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_r
 _INT_LIMITS = {"embed_dim": 16384, "layers": 256, "width": 16384, "head_width": 16384, "patch_size": 1024,
                "image_size": 4096, "context_length": 4096, "vocab_size": 1_000_000, "heads": 1024}
 MAX_PARAMETERS = 5_000_000_000  # ~20 GB in fp32: larger than any CLIP this project trains
+MAX_PROMPTS = 10_000            # a saved vocabulary becomes prompts to encode (LIQE has 495)
 
 
 def _check_int(value, key: str, path) -> None:
@@ -207,6 +208,10 @@ def load_weights(path: str | Path, model_name: str = "ViT-B-32", vocabulary: Voc
             saved = json.loads(meta["vocabulary"])
             vocabulary = Vocabulary(tuple(saved["qualities"]), tuple(saved["scenes"]), tuple(saved["distortions"]),
                                     separate=bool(saved.get("separate", False)))
+            if vocabulary.size > MAX_PROMPTS or not all(isinstance(w, str) and len(w) <= 100 for w in
+                                                       vocabulary.qualities + vocabulary.scenes + vocabulary.distortions):
+                raise ValueError(f"vocabulary of {vocabulary.size} prompts or with labels that are not short "
+                                 f"strings (limit {MAX_PROMPTS} prompts of labels up to 100 characters)")
         except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: malformed liqe-dist metadata ({type(exc).__name__}: {exc})") from None
         if cfg is None:

@@ -190,3 +190,12 @@ def test_an_oversize_declared_model_costs_no_memory(tmp_path, tiny_liqe):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120).stdout
     assert "refused" in out and "do not fit" in out, out
     assert int(out.split("maxrss_mb")[1]) < 2000, out
+
+
+def test_an_oversize_saved_vocabulary_is_refused(tmp_path, tiny_liqe):
+    good = save_weights(tiny_liqe, tmp_path / "w.safetensors", "liqe-tiny")
+    words = [f"w{i}" for i in range(300)]
+    evil = _rewrite_meta(good, tmp_path / "evil.safetensors",
+                         vocabulary={"qualities": words, "scenes": words, "distortions": words})
+    with pytest.raises(CheckpointError, match=r"evil.safetensors: malformed liqe-dist metadata .*27000000 prompts"):
+        load_weights(evil)
