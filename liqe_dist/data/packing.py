@@ -27,11 +27,9 @@ import hashlib
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
 import random
 import shutil
-import signal
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -43,6 +41,7 @@ from tqdm import tqdm
 
 from ..images import MAX_PIXELS
 from ..vocabulary import VOCABULARY_VERSION
+from .parallel import ordered_map
 from .records import Record, labels_to_json
 from .splits import assign_splits, split_summary
 from .validate import validate_record
@@ -184,10 +183,6 @@ def _recover_swap(out_dir: Path) -> None:
             os.rename(old, out_dir)
 
 
-def _ignore_sigint() -> None:
-    # Ctrl-C reaches the whole process group: the parent stops the workers itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
 
 class _ShardSink:
     """Writes samples to numbered shards, each under a temporary name until it is closed."""
@@ -286,13 +281,9 @@ def _write_set(records: list[Record], out_dir: Path, dataset: str, source: dict,
             packable.append(rec)
     records = packable
     jobs = ((r, cfg.max_pixels) for r in records)
-    # fork: workers start at once (spawn re-imports the caller's modules, torch included, which
-    # costs seconds per worker); they only run PIL decoders, which are fork-safe.
-    ctx = mp.get_context("fork") if cfg.workers > 1 else None
-    pool = ctx.Pool(cfg.workers, initializer=_ignore_sigint) if ctx else None
     started = time.perf_counter()
+    results = ordered_map(validate_record, jobs, cfg.workers)  # workers only run PIL decoders
     try:
-        results = pool.imap(validate_record, jobs, chunksize=8) if pool else map(validate_record, jobs)
         for rec, (data, size, reason) in tqdm(zip(records, results), total=len(records), unit="img",
                                               desc=f"packing {dataset}", disable=not progress):
             if data is None:
@@ -308,16 +299,8 @@ def _write_set(records: list[Record], out_dir: Path, dataset: str, source: dict,
                               ("scenes", bool(rec.scenes)), ("distortion", rec.distortion is not None),
                               ("reference", rec.reference is not None)):
                 label_counts[name] += has
-    except BaseException:
-        if pool:
-            pool.terminate()  # close() + join() would wait for work nobody will read (Ctrl-C hung here)
-            pool.join()
-            pool = None
-        raise
     finally:
-        if pool:
-            pool.close()
-            pool.join()
+        results.close()  # stops (kills) the workers when the loop ended early
     shards = sink.finish()
     with open(out_dir / REJECTS, "w") as f:
         f.write("source\tpath\treason\n")
