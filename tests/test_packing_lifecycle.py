@@ -88,10 +88,17 @@ def slow_dataset(tmp_path):
     return root / "labels.csv"
 
 
+def _as_from_a_terminal() -> None:
+    # An ignored SIGINT is inherited, and earlier tests (Ray, spawned ranks) can leave pytest
+    # ignoring it; Python then never installs its Ctrl-C handler. A terminal's job has the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_pack(table, out_root):
     return subprocess.Popen([sys.executable, "-m", "liqe_dist.cli", "pack", "csv", str(table), "--name", "d",
                              "--out", str(out_root), "--workers", "2", "--no-progress"],
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            start_new_session=True, preexec_fn=_as_from_a_terminal,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for_shards(build, proc, timeout=60):
