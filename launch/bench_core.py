@@ -24,7 +24,7 @@ from liqe_dist.model import LIQE, build_clip
 from liqe_dist.scoring import Scorer
 from liqe_dist.text_encoder import encode_tokens
 from liqe_dist.vocabulary import Vocabulary
-from liqe_dist.hardware import describe
+from liqe_dist.hardware import describe, resolve_device
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="auto", type=resolve_device, help="auto, cpu or cuda (scoring)")
     args = ap.parse_args()
     print(describe(), flush=True)  # the hardware the numbers below belong to
     torch.set_num_threads(args.threads)
@@ -73,12 +74,12 @@ def main() -> None:
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         m = LIQE(build_clip("ViT-B-32")).eval()
         m.clip.load_state_dict(clip.state_dict())
-        scorer = Scorer(m.to(dtype), batch_images=4)
+        scorer = Scorer(m.to(dtype), batch_images=4, device=args.device)
         scorer.score(images[:1])  # warm-up; caches the prompt embeddings
         t, scores = timed(lambda: scorer.score(images), 1)
         with torch.inference_mode():  # logits of the first 4 images, to compare precisions
             crops = torch.stack([eval_crops(im).pixels for im in images[:4]])
-            logits = m(crops).logits
+            logits = m(crops.to(args.device)).logits.cpu()
         results[precision] = (t, scores, logits)
     t32, s32, l32 = results["fp32"]
     t16, s16, l16 = results["bf16"]
@@ -87,8 +88,8 @@ def main() -> None:
     dlogit = (l32 - l16).abs().max().item()
     agree = sum(a.distortion == b.distortion for a, b in zip(s32, s16))
     n = len(images)
-    rows.append((f"score {n} images 512x384, 15 crops, fp32", f"{n / t32:.2f} img/s", "1.00x", ""))
-    rows.append((f"score {n} images 512x384, 15 crops, bf16", f"{n / t16:.2f} img/s", f"{t32 / t16:.2f}x faster",
+    rows.append((f"score {n} images 512x384, 15 crops, fp32 on {args.device}", f"{n / t32:.2f} img/s", "1.00x", ""))
+    rows.append((f"score {n} images 512x384, 15 crops, bf16 on {args.device}", f"{n / t16:.2f} img/s", f"{t32 / t16:.2f}x faster",
                  f"max q diff {diff:.4f} (fp32 q spread {spread:.4f}); max logit diff {dlogit:.3f} "
                  f"of range {l32.min().item():.1f}..{l32.max().item():.1f}; top distortion same on {agree}/{n}"))
 

@@ -35,7 +35,7 @@ from liqe_dist.engine import OptimConfig, build_engine
 from liqe_dist.losses import weighted_total
 from liqe_dist.model import ModelConfig, build_model
 from liqe_dist.objective import TASKS, step_losses
-from liqe_dist.hardware import describe
+from liqe_dist.hardware import describe, move_batch, resolve_device
 
 RECIPES = {  # name -> (text context, shard prompts over ranks)
     "(a) reference: 495 prompts x context 77 on every rank": ("full", False),
@@ -48,7 +48,7 @@ def fake_batch(n: int, crops: int, seed: int, n_scenes: int, n_distortions: int)
     change the cost of a step)."""
     g = torch.Generator().manual_seed(seed)
     scenes = (torch.rand(n, n_scenes, generator=g) < 0.3).float()
-    return {"images": torch.randn(n, crops, 3, 224, 224, generator=g),
+    return {"images": torch.randint(0, 256, (n, crops, 3, 224, 224), generator=g, dtype=torch.uint8),
             "dataset": torch.zeros(n, dtype=torch.long), "mos": torch.rand(n, generator=g) * 100,
             "has_mos": torch.ones(n, dtype=torch.bool), "scenes": scenes, "has_scenes": scenes.sum(1) > 0,
             "distortion": torch.randint(0, n_distortions, (n,), generator=g),
@@ -57,17 +57,15 @@ def fake_batch(n: int, crops: int, seed: int, n_scenes: int, n_distortions: int)
 
 def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, recipe: str, out: str) -> None:
     context, shard = RECIPES[recipe]
-    on_gpu = torch.cuda.is_available()
-    init_local_rank(rank, world, port, threads=max(1, args.threads // world), backend="nccl" if on_gpu else "gloo")
+    on_gpu = args.device.type == "cuda"
+    init_local_rank(rank, world, port, threads=max(1, args.threads // world), use_gpu=on_gpu)
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=args.model, text_context=context))
-    device = torch.device("cuda", rank) if on_gpu else torch.device("cpu")
-    engine, _, _ = build_engine(model.to(device), OptimConfig(lr=1e-7, zero_stage=1), total_steps=1000)
+    engine, _, _ = build_engine(model, OptimConfig(lr=1e-7, zero_stage=1, precision=args.precision),
+                                total_steps=1000, use_gpu=on_gpu)
     voc = engine.module.vocabulary
-    batch = {k: v.to(device) for k, v in
-             fake_batch(args.batch, args.crops, rank, len(voc.scenes), len(voc.distortions)).items()}
-    if engine.module.dtype != torch.float32:
-        batch["images"] = batch["images"].to(engine.module.dtype)
+    batch = move_batch(fake_batch(args.batch, args.crops, rank, len(voc.scenes), len(voc.distortions)),
+                       engine.device)
     times, first_loss = [], None
     for i in range(args.warmup + args.steps):
         if on_gpu:
@@ -106,6 +104,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps (median taken)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--worlds", default="1,2", help="numbers of ranks to measure")
+    ap.add_argument("--device", default="auto", type=resolve_device, help="auto, cpu or cuda")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads shared by the ranks")
     args = ap.parse_args()
     print(describe(), flush=True)  # the hardware the numbers below belong to

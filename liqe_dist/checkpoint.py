@@ -34,12 +34,15 @@ class CheckpointError(ValueError):
     """A weights file is unreadable or does not fit the model; the message names the file."""
 
 
-def save_weights(model: LIQE, path: str | Path, model_name: str, extra: dict | None = None) -> Path:
+def save_weights(model: LIQE, path: str | Path, model_name: str, extra: dict | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model``'s CLIP weights and what is needed to rebuild it to ``path`` (safetensors).
 
-    The write goes to a temporary name first, so an interrupted save never leaves a file that
-    looks complete.
+    ``state``: ``model.state_dict()``-keyed tensors to write instead of the module's own (a bf16
+    run's float32 master weights, :func:`liqe_dist.engine.master_state_dict`). The write
+    goes to a temporary name first, so an interrupted save never leaves a file that looks complete.
     """
+    state = model.state_dict() if state is None else state
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cfg = getattr(model.clip, "liqe_model_cfg", None) or open_clip.get_model_config(model_name)
@@ -57,10 +60,11 @@ def save_weights(model: LIQE, path: str | Path, model_name: str, extra: dict | N
         "extra": json.dumps(extra or {}),
         "head": "prompts" if model.head is None else "linear",
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.clip.state_dict().items()}
+    tensors = {k.removeprefix("clip."): v.detach().contiguous().cpu() for k, v in state.items() if k.startswith("clip.")}
     tensors["logit_scale"] = tensors["logit_scale"].reshape(())  # [1] when it was trained
     if model.head is not None:
-        tensors.update({f"{HEAD_PREFIX}{k}": v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()})
+        tensors.update({f"{HEAD_PREFIX}{k.removeprefix('head.')}": v.detach().contiguous().cpu()
+                        for k, v in state.items() if k.startswith("head.")})
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)

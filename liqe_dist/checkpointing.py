@@ -9,10 +9,16 @@ A checkpoint is a folder ``step-<N>/``:
 ``rank-<r>.pt`` is read with ``torch.load(weights_only=True)``; the only non-tensor objects a
 DeepSpeed ZeRO optimizer state holds (its loss scaler, stage enum and fragment addresses) are
 allowed by name, nothing else is unpickled.
+
+bf16 runs: the weights written are the optimizer's float32 master copy of every trained
+parameter (gathered from the ZeRO partitions), not the bf16 module; the optimizer state is
+whichever layout DeepSpeed's wrapper has (ZeRO 1/2 partitions, ``BF16_Optimizer``,
+``FP16_UnfusedOptimizer`` at ZeRO 0) and is restored through that wrapper's own loader.
 """
 
 from __future__ import annotations
 
+import inspect
 import random
 import shutil
 from pathlib import Path
@@ -21,6 +27,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_weights, save_weights
+from .engine import master_state_dict
 
 
 def _allow_deepspeed_types() -> None:
@@ -47,14 +54,20 @@ def _rng_state() -> dict:
             "python": torch.tensor(random.getstate()[1], dtype=torch.int64)}
 
 
+def save_run_weights(engine, path: str | Path, model_name: str, rank: int, extra: dict | None = None) -> None:
+    """Rank 0 writes the run's weights (the float32 masters under bf16); every rank must call."""
+    state = master_state_dict(engine)
+    if rank == 0:
+        save_weights(engine.module, path, model_name, extra=extra, state=state)
+
+
 def save_training_checkpoint(folder: str | Path, engine, scheduler, weighting, step: int, rank: int,
                              model_name: str, extra: dict | None = None) -> Path:
     """Write this rank's part of checkpoint ``folder/step-<step>`` (rank 0 also the weights).
     Every rank must call it (ZeRO partitions live on every rank)."""
     ckpt = Path(folder) / f"step-{step:08d}"
     ckpt.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        save_weights(engine.module, ckpt / "model.safetensors", model_name, extra={"step": step})
+    save_run_weights(engine, ckpt / "model.safetensors", model_name, rank, extra={"step": step})
     state = {
         "step": torch.tensor(step),
         "optimizer": engine.optimizer.state_dict(),
@@ -88,11 +101,14 @@ def load_training_checkpoint(ckpt: str | Path, engine, scheduler, weighting, ran
     state = torch.load(ckpt / f"rank-{rank}.pt", map_location="cpu", weights_only=True)
     weights = load_weights(ckpt / "model.safetensors")
     engine.module.clip.load_state_dict(weights.clip.state_dict())
+    if engine.module.head is not None:
+        engine.module.head.load_state_dict(weights.head.state_dict())
     opt = engine.optimizer
-    if hasattr(opt, "single_partition_of_fp32_groups"):  # DeepSpeed ZeRO-1/2: this rank's partition
+    if "state_dict_list" in inspect.signature(opt.load_state_dict).parameters:
+        # ZeRO 1/2 and BF16_Optimizer: one entry per data-parallel rank, this rank's partition
         parts = [state["optimizer"] if r == rank else None for r in range(world)]
         opt.load_state_dict(parts, load_optimizer_states=True, load_from_fp32_weights=True)
-    else:
+    else:  # torch's optimizer (fp32, ZeRO 0) or FP16_UnfusedOptimizer (bf16, ZeRO 0: masters inside)
         opt.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"]:
         scheduler.load_state_dict(state["scheduler"])

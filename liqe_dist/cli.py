@@ -20,14 +20,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 where the hardware computes it natively (AVX512_BF16/AMX CPUs, bf16 GPUs), "
                         "else fp32")
+    g.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
     from .crops import CropConfig
-    from .hardware import resolve_precision
+    from .hardware import resolve_device, resolve_precision
     from .model import ModelConfig, build_model
     from .scoring import ScoreFailure, Scorer, expand_sources, write_scores
+
+    device = resolve_device(args.device)
 
     sources, failures = expand_sources(args.paths)
     for f in failures:
@@ -36,7 +39,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         log.error("nothing to score")
         return 1
     cfg = ModelConfig(name=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                      precision=resolve_precision(args.precision))
+                      precision=resolve_precision(args.precision, str(device)))
     if not (cfg.checkpoint or cfg.pretrained):
         log.warning("no --checkpoint or --pretrained: %s has random weights, scores are meaningless", cfg.name)
     try:
@@ -45,7 +48,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     scorer = Scorer(model, CropConfig(small_images=args.small_images),
-                    batch_images=args.batch_images, num_workers=args.workers)
+                    batch_images=args.batch_images, num_workers=args.workers, device=device)
     skipped = len(failures)
 
     def good_results():
@@ -148,9 +151,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_yaml, parse_overrides
     from .crops import CropConfig
     from .evaluation import TABLE_HEADER, evaluate_shards, table_row, write_results
-    from .hardware import resolve_precision
+    from .hardware import resolve_device, resolve_precision
     from .model import ModelConfig, build_model
     from .train_config import TrainConfig
+
+    device = resolve_device(args.device)
 
     if args.config:
         cfg = load_yaml(TrainConfig, args.config, parse_overrides(args.set))
@@ -165,7 +170,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         crops, seed, shards = CropConfig(), 0, args.shards
         split, batch = args.split or 0, 8
     changes = {k: v for k, v in (("checkpoint", args.checkpoint), ("pretrained", args.pretrained),
-                                ("precision", args.precision and resolve_precision(args.precision)))
+                                ("precision", args.precision and resolve_precision(args.precision, str(device))))
                if v is not None}
     if args.model and args.config:
         changes["name"] = args.model
@@ -174,7 +179,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("no shard sets: give SHARDS or --config")
     torch.manual_seed(seed)  # the initial weights training with this config would start from
     model = build_model(model_cfg)
-    results = evaluate_shards(model, shards, split, args.part, crops, batch, progress=not args.no_progress)
+    results = evaluate_shards(model.to(device), shards, split, args.part, crops, batch, args.workers,
+                              progress=not args.no_progress)
     weights = model_cfg.checkpoint or (f"pretrained {model_cfg.pretrained}" if model_cfg.pretrained else "random")
     label = f"{model_cfg.name} ({Path(weights).name if model_cfg.checkpoint else weights})"
     print(f"\n{args.part} part of split {split}, {crops.eval_crops} crops per image\n")
@@ -255,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="weights file: project .safetensors, released LIQE .pt, pyiqa liqe_mix.pt")
     p.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai; downloaded by open_clip)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="default: the config's, or fp32")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, default=2, help="decoding processes")
     p.add_argument("--split", type=int, help="which of the ten splits (0-based; default: the config's, or 0)")
     p.add_argument("--part", choices=["train", "val", "test"], default="test")
     p.add_argument("--out", help="write metrics.csv, predictions.csv and scatter.png here")

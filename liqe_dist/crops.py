@@ -69,7 +69,9 @@ class CropConfig:
 
 @dataclass
 class Crops:
-    """Crops of one image: ``pixels`` is ``[U, 3, size, size]`` float32, CLIP-normalised."""
+    """Crops of one image: ``pixels`` is ``[U, 3, size, size]`` uint8 RGB, as decoded (a quarter
+    of float32's bytes across process boundaries and to the GPU); :func:`normalise` turns it into
+    the model's input on the device."""
 
     pixels: torch.Tensor
     size: tuple[int, int]  # (width, height) after the resize rules, px
@@ -94,9 +96,19 @@ def fit_size(img: Image.Image, cfg: CropConfig = CropConfig(), source: str = "im
     return img, False
 
 
-def to_normalised_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> ``[3, H, W]`` float32 with CLIP mean/std normalisation."""
-    return TF.normalize(TF.to_tensor(img), CLIP_MEAN, CLIP_STD)
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ``[3, H, W]`` uint8."""
+    return TF.pil_to_tensor(img)
+
+
+def normalise(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 crops ``[..., 3, H, W]`` -> CLIP-normalised ``dtype`` (computed in float32, on
+    ``pixels``' device): ``(x / 255 - mean) / std``, torchvision's ``to_tensor`` + ``normalize``."""
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"normalise expects uint8 crops, got {pixels.dtype}")
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(3, 1, 1)
+    return ((pixels.float() / 255.0 - mean) / std).to(dtype)
 
 
 def grid_positions(height: int, width: int, cfg: CropConfig = CropConfig()) -> list[tuple[int, int]]:
@@ -127,7 +139,7 @@ def _cut(tensor: torch.Tensor, positions: list[tuple[int, int]], size: int) -> t
 def eval_crops(img: Image.Image, cfg: CropConfig = CropConfig(), source: str = "image") -> Crops:
     """The ``cfg.eval_crops`` evaluation crops of an image."""
     img, upsampled = fit_size(img, cfg, source)
-    tensor = to_normalised_tensor(img)
+    tensor = to_uint8_tensor(img)
     grid = grid_positions(tensor.shape[1], tensor.shape[2], cfg)
     picks = [grid[i] for i in eval_indices(len(grid), cfg.eval_crops)]
     return Crops(_cut(tensor, picks, cfg.size), img.size, upsampled)
@@ -139,7 +151,7 @@ def train_crops(img: Image.Image, cfg: CropConfig = CropConfig(), generator: tor
     img, upsampled = fit_size(img, cfg, source)
     if cfg.flip and torch.rand((), generator=generator).item() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    tensor = to_normalised_tensor(img)
+    tensor = to_uint8_tensor(img)
     grid = grid_positions(tensor.shape[1], tensor.shape[2], cfg)
     picks = [grid[i] for i in train_indices(len(grid), cfg.train_crops, generator)]
     return Crops(_cut(tensor, picks, cfg.size), img.size, upsampled)

@@ -1,20 +1,26 @@
 """A DeepSpeed engine around LIQE: AdamW with cosine annealing, ZeRO stage from the config.
 
 The optimiser is torch's AdamW handed to DeepSpeed (no C++ op to build on a CPU), over the
-trainable parameters only (the logit scale is frozen by default). bf16 on GPUs, fp32 on CPUs
-(DeepSpeed refuses fp16 on CPUs). The process group must exist already (Ray Train, torchrun,
-or the tests' spawned ranks): DeepSpeed reuses it.
+trainable parameters only (the logit scale is frozen by default). The config's ``use_gpu``
+picks the device and DeepSpeed's accelerator, never what the machine happens to have.
+Precision ``auto``: bf16 on GPUs that have it, fp32 elsewhere (DeepSpeed refuses fp16 on
+CPUs); bf16 works on CPUs too (the tests use it). Under bf16 DeepSpeed keeps float32 master
+weights and optimizer state, and gradients are all-reduced in float32
+(``communication_data_type``): bf16 sums over 16 ranks would add 16 roundings of 2^-9.
+The process group must exist already (Ray Train, torchrun, or the tests' spawned ranks):
+DeepSpeed reuses it.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
+
+from .hardware import resolve_precision, select_accelerator, training_device
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,7 @@ class OptimConfig:
     min_lr: float = 0.0
     zero_stage: int = 1
     gradient_clipping: float = 0.0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs with bf16, fp32 on CPUs
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2):
@@ -69,15 +75,24 @@ def cosine_cycles_factor(epoch: int, period: int, min_ratio: float = 0.0) -> flo
     return min_ratio + (1.0 - min_ratio) * (1.0 + math.cos(math.pi * t / period)) / 2.0
 
 
-def ds_config(cfg: OptimConfig, on_gpu: bool) -> dict:
-    """The DeepSpeed JSON config for ``cfg``."""
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
+def training_precision(cfg: OptimConfig, use_gpu: bool, cuda_bf16: bool | None = None) -> str:
+    """``fp32`` or ``bf16``: ``auto`` is bf16 only on GPUs that compute it natively (CPU
+    training stays fp32, whose results the tests pin; bf16 on a CPU is asked for by name)."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return resolve_precision("auto", "cuda" if use_gpu else "cpu", cpu_flags=frozenset(), cuda_bf16=cuda_bf16)
+
+
+def ds_config(cfg: OptimConfig, use_gpu: bool, cuda_bf16: bool | None = None) -> dict:
+    """The DeepSpeed JSON config for ``cfg`` on a GPU (``use_gpu``) or CPU run."""
+    bf16 = training_precision(cfg, use_gpu, cuda_bf16) == "bf16"
     return {
         "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: batches are assembled by the stream
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
+        "communication_data_type": "fp32",  # gradient all-reduce / reduce-scatter in float32
         "gradient_clipping": cfg.gradient_clipping,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -114,13 +129,73 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int, steps_
     return opt, sched
 
 
-def build_engine(model: nn.Module, cfg: OptimConfig, total_steps: int, steps_per_epoch: int | None = None):
-    """(engine, optimizer, scheduler); the engine's ``backward``/``step`` replace torch's."""
-    on_gpu = torch.cuda.is_available()
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
+def build_engine(model: nn.Module, cfg: OptimConfig, total_steps: int, steps_per_epoch: int | None = None,
+                 use_gpu: bool = False):
+    """(engine, optimizer, scheduler); the engine's ``backward``/``step`` replace torch's.
+    The model moves to this rank's device (``hardware.training_device``)."""
+    select_accelerator(use_gpu)
     import deepspeed
 
+    device = training_device(use_gpu)
+    if use_gpu:
+        torch.cuda.set_device(device)
+    model = model.to(device)
     opt, sched = build_optimizer(model, cfg, total_steps, steps_per_epoch)
-    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                                 config=ds_config(cfg, on_gpu))
+    config = ds_config(cfg, use_gpu)
+    exact = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad} \
+        if config["bf16"]["enabled"] else {}
+    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
+    if exact:  # DeepSpeed starts its float32 masters from the bf16-rounded weights; start from the real ones
+        set_master_weights(engine, exact)
     return engine, opt, sched
+
+
+def _unfused_masters(opt) -> dict[int, torch.Tensor]:
+    """FP16_UnfusedOptimizer (bf16 at ZeRO 0): id(bf16 param) -> its float32 master."""
+    masters = {}
+    for low, high in zip(getattr(opt, "fp16_groups", ()), getattr(opt, "fp32_groups", ())):
+        masters.update({id(lp): hp for lp, hp in zip(low, high)})
+    return masters
+
+
+def master_state_dict(engine) -> dict[str, torch.Tensor]:
+    """``engine.module.state_dict()`` with every trained parameter replaced by the optimizer's
+    float32 master copy when the engine runs bf16 (ZeRO partitions gathered: a collective, so
+    every rank calls it). Frozen parameters have no master copy: they are saved as the run used
+    them. fp32 engines: the module's own state."""
+    module = engine.module
+    state = {k: v.detach() for k, v in module.state_dict().items()}
+    if not engine.bfloat16_enabled():
+        return state
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    unfused = _unfused_masters(engine.optimizer)
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        full = safe_get_full_fp32_param(p)  # ZeRO 1/2 and BF16_Optimizer (all-reduces the fragments)
+        if full is None:
+            full = unfused.get(id(p))
+        if full is None:
+            raise RuntimeError(f"{type(engine.optimizer).__name__} holds no float32 master copy of {name}")
+        state[name] = full.detach().reshape(p.shape).float()
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def set_master_weights(engine, values: dict[str, torch.Tensor]) -> None:
+    """Overwrite the float32 masters (and the bf16 weights) of the named trained parameters."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    unfused = _unfused_masters(engine.optimizer)
+    for name, p in engine.module.named_parameters():
+        if name not in values:
+            continue
+        value = values[name].to(p.device, torch.float32).reshape(p.shape)
+        if hasattr(p, "_hp_mapping"):
+            safe_set_full_fp32_param(p, value)
+        elif id(p) in unfused:
+            unfused[id(p)].data.copy_(value.view_as(unfused[id(p)]))
+        else:
+            raise RuntimeError(f"{type(engine.optimizer).__name__} holds no float32 master copy of {name}")
+        with torch.no_grad():
+            p.copy_(value)

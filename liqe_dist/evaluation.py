@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .crops import CropConfig
+from .hardware import move_batch
 from .data.packing import read_manifest
 from .data.stream import EvalSamples, collate_eval
 from .metrics import Correlation, correlation
@@ -52,41 +53,74 @@ class DatasetEval:
         return self.distortion_hits / self.distortion_labels if self.distortion_labels else float("nan")
 
 
-def _update(ev: DatasetEval, batch: dict, out) -> None:
+def batch_statistics(model: LIQE, batch: dict, device: torch.device) -> torch.Tensor:
+    """Forward one evaluation batch on ``device`` and reduce it there to ``[N, 4]`` float64 rows
+    ``(score, scene hits, scene labels, distortion hit)``; distortion hit is -1 where the image
+    has no distortion label (or the task is off). One copy to the device, none back.
+
+    Scene hits follow the reference: an image with k scene labels counts each label found among
+    the model's top-k scenes (the rank of a scene is its position in descending probability).
+    """
+    batch = move_batch(batch, device)
+    return output_statistics(model(batch["images"]), batch)
+
+
+def output_statistics(out, batch: dict) -> torch.Tensor:
+    """:func:`batch_statistics` from the model's output ``out`` (on the batch's device)."""
+    labels = batch["scenes"] > 0
+    k = labels.sum(dim=1)
+    if out.scene.shape[1] > 1:
+        order = out.scene.argsort(dim=1, descending=True, stable=True)
+        position = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                                    .expand_as(order).contiguous())
+        hits = (labels & (position < k[:, None])).sum(dim=1)
+    else:
+        hits, k = torch.zeros_like(k), torch.zeros_like(k)
+    if out.distortion.shape[1] > 1:
+        hit = (out.distortion.argmax(dim=1) == batch["distortion"]).double()
+        dist_hit = torch.where(batch["has_distortion"], hit, torch.full_like(hit, -1.0))
+    else:
+        dist_hit = torch.full_like(out.score, -1.0, dtype=torch.float64)
+    return torch.stack([out.score.double(), hits.double(), k.double(), dist_hit], dim=1)
+
+
+def _update(ev: DatasetEval, batch: dict, stats: list[list[float]]) -> None:
+    """Add one batch (host copy of :func:`batch_statistics`) to ``ev``."""
     ev.keys.extend(batch["keys"])
-    ev.score.extend(out.score.tolist())
     ev.mos.extend(batch["mos"].tolist())
-    for i in range(len(batch["keys"])):
-        k = int(batch["scenes"][i].sum())
-        if k and out.scene.shape[1] > 1:
-            top = set(out.scene[i].topk(k).indices.tolist())
-            ev.scene_hits += sum(int(j in top) for j in torch.nonzero(batch["scenes"][i]).flatten().tolist())
-            ev.scene_labels += k
-        if batch["has_distortion"][i] and out.distortion.shape[1] > 1:
-            ev.distortion_hits += int(out.distortion[i].argmax() == batch["distortion"][i])
+    for score, hits, labels, dist_hit in stats:
+        ev.score.append(score)
+        ev.scene_hits += int(hits)
+        ev.scene_labels += int(labels)
+        if dist_hit >= 0:
+            ev.distortion_hits += int(dist_hit)
             ev.distortion_labels += 1
 
 
 @torch.inference_mode()
 def evaluate_shards(model: LIQE, shard_dirs: list[str | Path], split: int = 0, part: str = "test",
                     crops: CropConfig = CropConfig(), batch_images: int = 8, workers: int = 0,
-                    rank: int = 0, world: int = 1, progress: bool = True) -> dict[str, DatasetEval]:
+                    rank: int = 0, world: int = 1, progress: bool = True,
+                    device: str | torch.device | None = None) -> dict[str, DatasetEval]:
     """Score every image of ``part`` of split ``split`` in each shard set (this rank's share
-    when ``world`` > 1) and compute the criteria; keyed by dataset name."""
+    when ``world`` > 1) and compute the criteria; keyed by dataset name. ``device``: where the
+    model runs (default: where its weights are); ``workers``: decoding processes."""
     model.eval()
+    device = model.device if device is None else torch.device(device)
     results = {}
     for d, shard_dir in enumerate(shard_dirs):
         manifest = read_manifest(Path(shard_dir))
         ev = DatasetEval(manifest["dataset"])
         total = manifest["splits"]["counts"][split][part]
         loader = DataLoader(EvalSamples(shard_dir, split, part, crops, rank, world, dataset_id=d),
-                            batch_size=batch_images, num_workers=workers, collate_fn=collate_eval)
+                            batch_size=batch_images, num_workers=workers, collate_fn=collate_eval,
+                            pin_memory=device.type == "cuda")
         with tqdm(total=total, desc=f"eval {ev.dataset} {part}", unit="img", disable=not progress) as bar:
             for batch in loader:
                 ev.skipped += batch["skipped"]
                 if batch["images"] is None:
                     continue
-                _update(ev, batch, model(batch["images"]))
+                _update(ev, batch, batch_statistics(model, batch, device).tolist())
                 bar.update(len(batch["keys"]))
         results[ev.dataset] = ev.finish() if world == 1 else ev
     return results

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
 
 import torch
@@ -73,3 +74,64 @@ def resolve_precision(requested: str, device: str = "cpu", cpu_flags: frozenset[
         log.warning("bf16 requested on %s, which has no native bf16 (%s): it will run slower than fp32; "
                     "--precision auto picks the faster one", device, describe())
     return requested
+
+
+# -- which device a job runs on ---------------------------------------------------------------
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU; ``cuda``/``cuda:N`` without a GPU is
+    an error naming the request (never a silent fall-back to the CPU)."""
+    requested = str(requested)
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r}: no CUDA GPU is visible to this process "
+                             "(use --device cpu, or auto)")
+        return torch.device(requested)
+    if requested == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"device must be auto, cpu or cuda[:N], got {requested!r}")
+
+
+def training_device(use_gpu: bool) -> torch.device:
+    """The device of this data-parallel rank: the config's ``use_gpu`` decides, not what the
+    machine happens to have (a CPU run on a GPU node stays a CPU run). On GPUs, rank-local
+    GPU ``LOCAL_RANK`` (Ray Train and torchrun set it; Ray also narrows CUDA_VISIBLE_DEVICES)."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("use_gpu is true but this worker sees no CUDA GPU")
+    local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    return torch.device("cuda", local)
+
+
+def process_group_backend(use_gpu: bool) -> str:
+    """nccl for tensors on GPUs plus gloo for CPU tensors (object collectives pickle through
+    CPU tensors, and a stray CPU tensor then still works instead of failing on nccl)."""
+    return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+
+
+def select_accelerator(use_gpu: bool) -> str:
+    """Make DeepSpeed use the accelerator the config asks for, even when it already picked one
+    by probing the machine (it caches its choice per process). Returns its name."""
+    name = "cuda" if use_gpu else "cpu"
+    os.environ["DS_ACCELERATOR"] = name
+    from deepspeed.accelerator import real_accelerator
+
+    current = real_accelerator.ds_accelerator
+    if current is None or current.device_name() != name:
+        if use_gpu:
+            from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
+        else:
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
+        real_accelerator.set_accelerator(Accelerator())
+    return name
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    """The batch with every tensor on ``device`` (one copy per tensor, asynchronous from pinned
+    memory); other entries (keys, counts) unchanged."""
+    non_blocking = torch.device(device).type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}

@@ -80,14 +80,16 @@ PAPER = LossConfig("paper")
 
 @dataclass
 class LossTerm:
-    """``total``: sum of per-item losses (a graph-connected scalar); ``count``: items summed."""
+    """``total``: sum of per-item losses (a graph-connected scalar); ``count``: items summed (a
+    0-dim integer tensor on the same device: reading it would stall a GPU between forward and
+    backward, so nothing here does)."""
 
     total: torch.Tensor
-    count: int
+    count: torch.Tensor
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.total / max(self.count, 1)
+        return self.total / self.count.clamp_min(1)
 
 
 def _sqrt(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
@@ -135,15 +137,15 @@ def quality_loss(score: torch.Tensor, mos: torch.Tensor, group: torch.Tensor,
     # where, not a product: a sample without a MOS (NaN) has a NaN target under "half", and NaN * 0 is NaN
     per_pair = torch.where(mask, binary_fidelity(p, p_hat, cfg.fidelity_eps), torch.zeros_like(p_hat))
     if cfg.pair_normalisation == "global":
-        return LossTerm(per_pair.sum(), int(mask.sum().item()))
-    total, datasets = per_pair.new_zeros(()), 0
-    for g in torch.unique(group):
-        rows = group == g
-        pairs = int(mask[rows].sum().item())
-        if pairs:
-            total = total + per_pair[rows].sum() / pairs
-            datasets += 1
-    return LossTerm(total, datasets)
+        return LossTerm(per_pair.sum(), mask.sum())
+    # per dataset, without reading the group ids on the host: row i's share of its dataset's
+    # mean is (its pairs' loss) / (its dataset's pairs); a dataset counts once, as 1/size per member
+    same = (group[:, None] == group[None, :]).to(score.dtype)
+    group_pairs = same @ mask.sum(dim=1).to(score.dtype)
+    has_pairs = group_pairs > 0
+    total = torch.where(has_pairs, per_pair.sum(dim=1) / group_pairs.clamp_min(1), torch.zeros_like(group_pairs))
+    datasets = (has_pairs.to(score.dtype) / same.sum(dim=1)).sum().round().long()
+    return LossTerm(total.sum(), datasets)
 
 
 def scene_loss(p_scene: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, eps: float = 0.0) -> LossTerm:
@@ -152,7 +154,7 @@ def scene_loss(p_scene: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, 
     ``p_scene`` ``[N, S]`` marginals, ``target`` ``[N, S]`` multi-hot, ``mask`` ``[N]`` bool.
     """
     per_image = binary_fidelity(target.to(p_scene.dtype), p_scene, eps).mean(dim=1)
-    return LossTerm((per_image * mask).sum(), int(mask.sum().item()))
+    return LossTerm((per_image * mask).sum(), mask.sum())
 
 
 def distortion_loss(p_dist: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, eps: float = 0.0) -> LossTerm:
@@ -164,7 +166,7 @@ def distortion_loss(p_dist: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     idx = target.clamp(0, p_dist.shape[1] - 1).long()
     onehot.scatter_(1, idx[:, None], 1.0)
     per_image = 1.0 - _sqrt(onehot * p_dist, eps).sum(dim=1)
-    return LossTerm((per_image * mask).sum(), int(mask.sum().item()))
+    return LossTerm((per_image * mask).sum(), mask.sum())
 
 
 def weighted_total(terms: dict[str, LossTerm], weights: dict[str, float]) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .crops import normalise
 from .text_encoder import cut_tokens, encode_tokens
 from .vocabulary import Vocabulary
 
@@ -159,27 +160,39 @@ class LIQE(nn.Module):
     # -- encoders ---------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return self.clip.logit_scale.dtype
+        """The dtype the image tower computes in (its weights'; DeepSpeed's bf16 casts
+        parameters, not buffers, so a buffer would not tell)."""
+        return next(self.clip.visual.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.clip.visual.parameters()).device
 
     def encode_images(self, crops: torch.Tensor) -> torch.Tensor:
-        """Crops ``[B, U, 3, H, W]`` -> unit-norm embeddings ``[B, U, K]``."""
+        """Crops ``[B, U, 3, H, W]`` -> unit-norm embeddings ``[B, U, K]`` float32.
+
+        uint8 crops (what the data pipeline gives) are normalised here, on their device; float
+        crops are taken as normalised already. The tower runs in :attr:`dtype`; the
+        normalisation of its output is float32 (bf16 would round every cosine to 2^-9).
+        """
         b, u = crops.shape[:2]
-        feats = self.clip.encode_image(crops.flatten(0, 1).to(self.dtype))
-        return F.normalize(feats, dim=-1).view(b, u, -1)
+        x = crops.flatten(0, 1)
+        x = normalise(x, self.dtype) if x.dtype == torch.uint8 else x.to(self.dtype)
+        feats = self.clip.encode_image(x)
+        return F.normalize(feats.float(), dim=-1).view(b, u, -1)
 
     def encode_prompts(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Unit-norm embeddings ``[stop - start, K]`` of prompts ``start:stop`` (all by default).
-
-        A slice lets each data-parallel rank encode only its share of the prompts.
+        """Unit-norm embeddings ``[stop - start, K]`` float32 of prompts ``start:stop`` (all by
+        default). A slice lets each data-parallel rank encode only its share of the prompts.
         """
         tokens = self.prompt_tokens[start:stop]
-        return F.normalize(encode_tokens(self.clip, tokens), dim=-1)
+        return F.normalize(encode_tokens(self.clip, tokens).float(), dim=-1)
 
     def text_embeddings(self) -> torch.Tensor:
         """All prompt embeddings ``[V, K]``; computed once and cached when not training."""
         if self.training or torch.is_grad_enabled():
             return self.encode_prompts()
-        if self._text_cache is None or self._text_cache.dtype != self.dtype:
+        if self._text_cache is None:
             self._text_cache = self.encode_prompts()
         return self._text_cache
 
@@ -191,8 +204,14 @@ class LIQE(nn.Module):
         return super().train(mode)
 
     def _apply(self, fn, recurse=True):
-        self._text_cache = None  # device or dtype change
-        return super()._apply(fn, recurse)
+        """A device or dtype change; a frozen logit scale (a buffer) stays float32 whatever the
+        weights' dtype: ln 100 in bf16 is 4.594, whose exp (98.9) makes every logit 1.1 % small."""
+        self._text_cache = None
+        scale = self.clip._buffers.get("logit_scale")
+        super()._apply(fn, recurse)
+        if scale is not None and self.clip.logit_scale.dtype != scale.dtype:
+            self.clip._buffers["logit_scale"] = scale.to(self.clip.logit_scale.device)
+        return self
 
     # -- scoring ----------------------------------------------------------------------------
     @property
@@ -202,9 +221,10 @@ class LIQE(nn.Module):
     def logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor | None) -> torch.Tensor:
         """``[B, U, K]`` x ``[V, K]`` -> scaled logits ``[B, V]``, averaged over crops (eq. 2);
         with the linear head, the regressed quality ``[B, 1]`` (``text_emb`` unused)."""
-        if self.head is not None:
-            return self.head(image_emb.mean(dim=1)).float()
-        cos = (image_emb @ text_emb.t().to(image_emb.dtype)).float().mean(dim=1)
+        if self.head is not None:  # float32: bf16 would quantise q_hat to 1/64 and make ties
+            h = self.head
+            return F.linear(image_emb.float().mean(dim=1), h.weight.float(), h.bias.float())
+        cos = (image_emb.float() @ text_emb.float().t()).mean(dim=1)  # float32: cheap, and sensitive
         return self.clip.logit_scale.float().exp() * cos
 
     def predictions(self, logits: torch.Tensor) -> LIQEOutput:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import from_dict, to_dict
 from .data.packing import read_manifest
+from .hardware import process_group_backend
 from .train_config import TrainConfig
 
 
@@ -65,7 +66,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            start_local_cluster(max(os.cpu_count() or 1, int(cfg.workers * cfg.cpus_per_worker) + 1))
+            start_local_cluster(max(os.cpu_count() or 1, int(cfg.workers * cfg.resolved_cpus_per_worker) + 1))
     run_dir = Path(cfg.run_dir).resolve()
     cfg_dict = to_dict(cfg)
     # Ray workers start in their own folders: relative paths would not find the run or the shards.
@@ -75,9 +76,9 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"config": cfg_dict},
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(cfg.use_gpu)),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                     resources_per_worker={"CPU": cfg.resolved_cpus_per_worker},
                                      placement_strategy=cfg.placement),
         run_config=RunConfig(name=cfg.name, storage_path=str(run_dir.parent / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),

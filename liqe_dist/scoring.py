@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .crops import CropConfig, ImageShapeError, eval_crops
+from .hardware import resolve_device
 from .images import ImageDecodeError, decode_image, is_image_path, to_rgb
 from .model import LIQE
 
@@ -102,15 +103,28 @@ def _collate(batch):
 
 
 class Scorer:
-    """Scores images with a LIQE model: ``Scorer(model).score(["a.jpg", pil_image])``."""
+    """Scores images with a LIQE model: ``Scorer(model).score(["a.jpg", pil_image])``.
+
+    ``device``: ``auto`` (the GPU when there is one), ``cpu`` or ``cuda[:N]``. Crops are decoded
+    in ``num_workers`` processes, cross to the device as uint8 (pinned memory on GPUs) and each
+    batch's results come back in one copy.
+    """
 
     def __init__(self, model: LIQE, crops: CropConfig = CropConfig(), batch_images: int = 8,
-                 num_workers: int = 0, device: str | torch.device = "cpu"):
-        self.model = model.eval().to(device)
+                 num_workers: int = 0, device: str | torch.device = "auto"):
+        self.device = resolve_device(str(device))
+        self.model = model.eval() if model.device == self.device else model.eval().to(self.device)
         self.crops = crops
         self.batch_images = batch_images
         self.num_workers = num_workers
-        self.device = torch.device(device)
+
+    def predict(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 crops ``[B, U, 3, H, W]`` (any device) -> ``[B, 5]`` float64 on the device:
+        (quality, scene probability, scene index, distortion probability, distortion index)."""
+        out = self.model(pixels.to(self.device, non_blocking=self.device.type == "cuda"))
+        sp, si = out.scene.max(dim=1)
+        dp, di = out.distortion.max(dim=1)
+        return torch.stack([out.score.double(), sp.double(), si.double(), dp.double(), di.double()], dim=1)
 
     def score_iter(self, items: list, progress: bool = False) -> Iterator[ImageScore | ScoreFailure]:
         """Yield a score or a failure for each item (a path or a PIL image), in input order."""
@@ -123,17 +137,16 @@ class Scorer:
                 good = [(src, c) for src, c, err in batch if err is None]
                 results: dict[str, ImageScore] = {}
                 if good:
-                    pixels = torch.stack([c.pixels for _, c in good]).to(self.device)
-                    out = self.model(pixels)
-                    sp, si = out.scene.max(dim=1)
-                    dp, di = out.distortion.max(dim=1)
-                    for k, (src, c) in enumerate(good):
+                    pixels = torch.stack([c.pixels for _, c in good])
+                    if self.device.type == "cuda":
+                        pixels = pixels.pin_memory()
+                    rows = self.predict(pixels).tolist()  # the batch's one read of the device
+                    for (src, c), (quality, sp, si, dp, di) in zip(good, rows):
                         results[src] = ImageScore(
-                            source=src, quality=float(out.score[k]),
-                            scene=vocab.scenes[si[k]] if vocab.scenes else "", scene_prob=float(sp[k]),
-                            distortion=vocab.distortions[di[k]] if vocab.distortions else "",
-                            distortion_prob=float(dp[k]), width=c.size[0], height=c.size[1],
-                            upsampled=c.upsampled)
+                            source=src, quality=quality,
+                            scene=vocab.scenes[int(si)] if vocab.scenes else "", scene_prob=sp,
+                            distortion=vocab.distortions[int(di)] if vocab.distortions else "",
+                            distortion_prob=dp, width=c.size[0], height=c.size[1], upsampled=c.upsampled)
                 for src, _, err in batch:
                     if err is None and not math.isfinite(results[src].quality):
                         err = "the model's score is not a number (are its weights NaN?)"

@@ -11,6 +11,9 @@ from .model import ModelConfig
 from .weighting import WeightingConfig
 
 
+GPU_CPUS_PER_WORKER = 8.0  # default CPUs per GPU rank: 7 loader processes + the training process
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """A packed shard set and its per-rank mini-batch size (reference: 4 for LIVE, CSIQ, BID,
@@ -41,9 +44,9 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2                # data-parallel ranks (Ray Train workers)
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: 1 on CPU runs, GPU_CPUS_PER_WORKER on GPU runs
     placement: str = "PACK"         # Ray placement of the workers: PACK, SPREAD, STRICT_SPREAD (one per node)
-    loader_workers: int = 0         # DataLoader processes per rank
+    loader_workers: int | None = None  # DataLoader processes per rank; None: 0 on CPU, cpus_per_worker - 1 on GPU
     shuffle_buffer: int = 256
     shard_prompts: bool = True      # each rank encodes V/W prompts (exact either way)
     freeze_text: bool = False       # ablation 3: text encoder frozen, prompts encoded once
@@ -68,11 +71,11 @@ class TrainConfig:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("loader_workers", "max_failures", "keep_checkpoints"):
-            if getattr(self, key) < 0:
+            if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.shuffle_buffer < 1 or self.eval_every_epochs < 1:
             raise ValueError("shuffle_buffer and eval_every_epochs must be >= 1")
-        if not self.cpus_per_worker > 0:
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
             raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0 (0: evaluate without training), got {self.epochs}")
@@ -83,6 +86,21 @@ class TrainConfig:
         bad = set(self.eval_parts) - {"val", "test"}
         if bad:
             raise ValueError(f"eval_parts: unknown part(s) {sorted(bad)}")
+
+    @property
+    def resolved_cpus_per_worker(self) -> float:
+        """CPUs Ray reserves per rank: one decoding process feeds ~120 crops/s, a GPU takes
+        thousands, so GPU ranks get several loader processes."""
+        if self.cpus_per_worker is not None:
+            return self.cpus_per_worker
+        return GPU_CPUS_PER_WORKER if self.use_gpu else 1.0
+
+    @property
+    def resolved_loader_workers(self) -> int:
+        """DataLoader processes per rank (training and evaluation)."""
+        if self.loader_workers is not None:
+            return self.loader_workers
+        return max(1, int(self.resolved_cpus_per_worker) - 1) if self.use_gpu else 0
 
     @property
     def total_steps(self) -> int:

@@ -4,6 +4,11 @@ step: per-dataset mini-batches (this rank's share) -> sharded prompts + local im
 logits -> multitask loss (eq. 10) with the current task weights -> DeepSpeed backward/step ->
 task losses to the weighting (period statistics all-reduced, weights checked equal on all ranks)
 -> checkpoint every N steps -> evaluation on val/test each epoch -> best model by mean val SRCC.
+
+On the device: the batch is copied once per step (pinned memory, asynchronous) and crops travel
+as uint8; nothing reads a device value between forward and backward; after the step the
+bookkeeping (loss, task means and counts, images, skipped samples, the task weights' spread
+over ranks) is one tensor read once (:func:`step_record`, :func:`read_record`).
 """
 
 from __future__ import annotations
@@ -23,13 +28,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from .checkpoint import save_weights
-from .checkpointing import latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_training_checkpoint
-from .distributed import (all_reduce_sum, assert_same_on_all_ranks, is_distributed, rank, use_global_batchnorm,
-                          world_size)
+from .checkpointing import (latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_run_weights,
+                            save_training_checkpoint)
+from .distributed import all_reduce_sum, is_distributed, max_spread, rank, use_global_batchnorm, world_size
+from .hardware import move_batch
 from .engine import build_engine
 from .evaluation import DatasetEval, evaluate_shards
-from .losses import weighted_total
+from .losses import LossTerm, weighted_total
 from .model import LIQE, build_model, freeze_text_encoder
 from .objective import step_losses
 from .data.stream import TrainBatches, TrainSource
@@ -46,8 +51,8 @@ def evaluate_all_ranks(model: LIQE, cfg: TrainConfig, part: str) -> dict[str, Da
     """Each rank scores its exact-once share; predictions are gathered so every rank holds the
     whole part and the same criteria."""
     shards = [d.shards for d in cfg.datasets]
-    local = evaluate_shards(model, shards, cfg.split, part, cfg.crops, cfg.eval_batch, rank=rank(),
-                            world=world_size(), progress=False)
+    local = evaluate_shards(model, shards, cfg.split, part, cfg.crops, cfg.eval_batch, cfg.resolved_loader_workers,
+                            rank=rank(), world=world_size(), progress=False, device=model.device)
     if is_distributed():
         gathered: list = [None] * world_size()
         dist.all_gather_object(gathered, local)
@@ -94,6 +99,27 @@ def _write_rank_info(folder: Path, r: int) -> None:
     (folder / f"rank-{r}.json").write_text(json.dumps(info))
 
 
+def step_record(loss: torch.Tensor, terms: dict[str, LossTerm], batch: dict, lam: dict[str, float],
+                tasks: tuple[str, ...], device: torch.device) -> torch.Tensor:
+    """One float64 tensor on ``device`` with a step's bookkeeping, summed or compared over ranks:
+    ``[loss, mean_t..., count_t..., images, skipped, lambda spread_t...]`` (tasks in ``tasks``
+    order). Two collectives, no host read."""
+    local = torch.tensor([batch["images"].shape[0], batch["skipped"]], dtype=torch.float64, device=device)
+    lam_t = torch.tensor([lam[t] for t in tasks], dtype=torch.float64, device=device)
+    parts = [loss.detach().double().view(1),
+             torch.stack([terms[t].mean.detach().double() for t in tasks]),
+             torch.stack([terms[t].count.double() for t in tasks]),
+             all_reduce_sum(local), max_spread(lam_t)]
+    return torch.cat(parts)
+
+
+def read_record(record: torch.Tensor, tasks: tuple[str, ...]) -> dict:
+    """:func:`step_record` on the host (the step's one read of the device)."""
+    v, n = record.tolist(), len(tasks)
+    return {"loss": v[0], "means": dict(zip(tasks, v[1:1 + n])), "counts": dict(zip(tasks, v[1 + n:1 + 2 * n])),
+            "images": int(v[1 + 2 * n]), "skipped": int(v[2 + 2 * n]), "lambda_spread": max(v[3 + 2 * n:])}
+
+
 def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
     """Run (or resume) training on this rank; returns the final metrics."""
     r, world = rank(), world_size()
@@ -103,12 +129,13 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = build_model(cfg.model).train()
-    if world > 1 and use_global_batchnorm(model) and r == 0:
-        log.info("batch norm uses the statistics of the global batch (exact under data parallelism)")
+    if use_global_batchnorm(model) and r == 0:
+        log.info("batch norm uses the statistics of the global batch (exact under data parallelism), in float32")
     if cfg.freeze_text:
         freeze_text_encoder(model)
     tasks = tuple(t for t in ("quality", "scene", "distortion") if t in cfg.model.tasks)
-    engine, _, scheduler = build_engine(model, cfg.optim, cfg.total_steps, cfg.steps_per_epoch)
+    engine, _, scheduler = build_engine(model, cfg.optim, cfg.total_steps, cfg.steps_per_epoch, use_gpu=cfg.use_gpu)
+    device = engine.device
     weighting = build_weighting(cfg.weighting, tasks, cfg.steps_per_epoch, cfg.epochs)
     ckpt_dir = run_dir / "checkpoints"
     step, best = 0, {"val/mean_srcc": -math.inf}
@@ -129,7 +156,9 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
     # A resumed run draws new samples (its seed includes the step) rather than replaying old ones.
     data = TrainBatches([TrainSource(d.shards, d.batch_size) for d in cfg.datasets], cfg.split, cfg.crops,
                         seed=cfg.seed * 1_000_003 + step, rank=r, world=world, shuffle_buffer=cfg.shuffle_buffer)
-    batches = iter(DataLoader(data, batch_size=None, num_workers=cfg.loader_workers))
+    batches = iter(DataLoader(data, batch_size=None, num_workers=cfg.resolved_loader_workers,
+                              pin_memory=cfg.use_gpu))
+    rank_sizes = [sum(d.batch_size for d in cfg.datasets)] * world  # every rank's images per step
     metrics: dict = {}
 
     def evaluate(step: int) -> None:
@@ -147,8 +176,7 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
         if math.isnan(val) or math.isnan(best["val/mean_srcc"]) or val > best["val/mean_srcc"]:
             best = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
             best["step"] = step
-            if r == 0:
-                save_weights(engine.module, run_dir / "best.safetensors", cfg.model.name, extra={"step": step})
+            save_run_weights(engine, run_dir / "best.safetensors", cfg.model.name, r, extra={"step": step})
 
     if cfg.total_steps == 0:  # zero-shot (Table 4, row 1): evaluate the model as built
         metrics = {"step": 0, "epoch": 0}
@@ -157,24 +185,25 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
             report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     while step < cfg.total_steps:
         t0 = time.perf_counter()
-        batch = next(batches)
+        batch = move_batch(next(batches), device)
         lam = weighting.weights()
-        terms, _ = step_losses(engine.module, batch, tasks, cfg.shard_prompts, text_emb, cfg.loss)
+        terms, _ = step_losses(engine.module, batch, tasks, cfg.shard_prompts, text_emb, cfg.loss, rank_sizes)
         loss = weighted_total(terms, lam)
         lr = scheduler.get_last_lr()[0]  # the lr this step trains at (engine.step() moves to the next)
         engine.backward(loss)
         engine.step()
         step += 1
-        weighting.observe({k: t.mean.item() for k, t in terms.items() if t.count > 0}, reduce=all_reduce_sum)
-        assert_same_on_all_ranks(torch.tensor([weighting.weights()[t] for t in tasks]), "task weights")
-        images = int(all_reduce_sum(torch.tensor(batch["images"].shape[0])).item())
-        skipped = int(all_reduce_sum(torch.tensor(batch["skipped"])).item())
+        rec = read_record(step_record(loss, terms, batch, lam, tasks, device), tasks)
+        if rec["lambda_spread"] > 0:
+            raise RuntimeError(f"task weights differ across ranks at step {step} (spread {rec['lambda_spread']:.3g})")
+        weighting.observe({t: m for t, m in rec["means"].items() if rec["counts"][t] > 0},
+                          reduce=lambda stats: all_reduce_sum(stats.to(device)).cpu())
         dt = time.perf_counter() - t0
-        metrics = {"step": step, "epoch": (step - 1) // cfg.steps_per_epoch + 1, "loss": loss.item(),
-                   **{f"loss/{k}": t.mean.item() for k, t in terms.items()},
+        metrics = {"step": step, "epoch": (step - 1) // cfg.steps_per_epoch + 1, "loss": rec["loss"],
+                   **{f"loss/{k}": m for k, m in rec["means"].items()},
                    **{f"lambda/{k}": v for k, v in lam.items()},
-                   "lr": lr, "step_seconds": dt, "images_per_second": images / dt,
-                   "skipped_samples": skipped}
+                   "lr": lr, "step_seconds": dt, "images_per_second": rec["images"] / dt,
+                   "skipped_samples": rec["skipped"]}
         runlog.step(metrics)
         epoch_end = step % cfg.steps_per_epoch == 0
         evaluated = False
@@ -190,8 +219,8 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
                 prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
         if report is not None and (evaluated or step == cfg.total_steps):
             report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    save_run_weights(engine, run_dir / "final.safetensors", cfg.model.name, r, extra={"step": step})
     if r == 0:
-        save_weights(engine.module, run_dir / "final.safetensors", cfg.model.name, extra={"step": step})
         (run_dir / "best.json").write_text(json.dumps(best, indent=1))
         runlog.plots()
     runlog.event({"event": "finish", "step": step})

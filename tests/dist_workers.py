@@ -16,13 +16,13 @@ def init_rank(rank: int, world: int, port: int) -> None:
     init_local_rank(rank, world, port, threads=1)
 
 
-def make_problem(workdir: Path, n: int = 7, crops: int = 2, seed: int = 0) -> None:
+def make_problem(workdir: Path, n: int = 7, crops: int = 2, seed: int = 0, name: str = "liqe-tiny") -> None:
     """A fixed initial model and global batch: two datasets interleaved (pairs cross ranks),
     a MOS tie, an image without scene labels, one without a distortion label."""
     from liqe_dist.model import build_clip
 
     torch.manual_seed(seed)
-    clip = build_clip("liqe-tiny")
+    clip = build_clip(name)
     torch.save(clip.state_dict(), workdir / "init.pt")
     g = torch.Generator().manual_seed(seed)
     scenes = torch.zeros(n, 9)
@@ -46,10 +46,10 @@ def make_problem(workdir: Path, n: int = 7, crops: int = 2, seed: int = 0) -> No
 WEIGHTS = {"quality": 1.0, "scene": 0.7, "distortion": 1.3}
 
 
-def build_liqe(workdir: Path):
+def build_liqe(workdir: Path, name: str = "liqe-tiny"):
     from liqe_dist.model import LIQE, build_clip
 
-    clip = build_clip("liqe-tiny")
+    clip = build_clip(name)
     clip.load_state_dict(torch.load(workdir / "init.pt", weights_only=True))
     return LIQE(clip).train()
 
@@ -140,4 +140,69 @@ def train_configs_rank(rank: int, world: int, port: int, cfg_dicts: list[dict]) 
     init_rank(rank, world, port)
     for cfg_dict in cfg_dicts:
         train_worker(from_dict(TrainConfig, cfg_dict))
+    dist.destroy_process_group()
+
+
+def bf16_rank(rank: int, world: int, port: int, workdir: str, name: str, stage: int, precision: str) -> None:
+    """One step of ``name`` in ``precision`` on this rank's slice of the problem; rank 0 saves the
+    float32 master weights after it, the loss and what the engine runs. Then the step's
+    checkpoint is written, a fresh engine restores it, and its masters are compared."""
+    from liqe_dist.checkpointing import load_training_checkpoint, master_state_dict, save_training_checkpoint
+    from liqe_dist.distributed import shard_range, use_global_batchnorm
+    from liqe_dist.engine import OptimConfig, build_engine
+    from liqe_dist.hardware import move_batch
+    from liqe_dist.losses import weighted_total
+    from liqe_dist.objective import step_losses
+    from liqe_dist.weighting import WeightingConfig, build_weighting
+
+    workdir = Path(workdir)
+    init_rank(rank, world, port)
+    batch = torch.load(workdir / "batch.pt", weights_only=True)
+    start, stop = shard_range(batch["images"].shape[0], world, rank)
+    cfg = OptimConfig(zero_stage=stage, precision=precision, lr=1e-3, eps=1.0)
+
+    def engine_for():
+        model = build_liqe(workdir, name)
+        use_global_batchnorm(model)
+        return build_engine(model, cfg, total_steps=10)
+
+    engine, _, sched = engine_for()
+    local = move_batch({k: v[start:stop] for k, v in batch.items()}, engine.device)
+    terms, _ = step_losses(engine.module, local)
+    loss = weighted_total(terms, WEIGHTS)
+    engine.backward(loss)
+    engine.step()
+    masters = master_state_dict(engine)
+    weighting = build_weighting(WeightingConfig(), tuple(WEIGHTS), 10, 1)
+    save_training_checkpoint(workdir / f"ckpt-{world}", engine, sched, weighting, 1, rank, name)
+    dist.barrier()
+    fresh, _, fresh_sched = engine_for()
+    load_training_checkpoint(workdir / f"ckpt-{world}" / "step-00000001", fresh, fresh_sched, weighting, rank, world)
+    restored = master_state_dict(fresh)
+    module = engine.module
+    bn = [m for m in module.modules() if type(m).__name__ == "GlobalBatchNorm2d"]
+    if rank == 0:
+        torch.save({"loss": loss.detach().float(), "masters": masters,
+                    "restored_equal": all(torch.equal(restored[k], masters[k]) for k in masters),
+                    "wrapper": type(engine.optimizer).__name__, "comm": str(engine.communication_data_type),
+                    "param_dtype": str(module.dtype), "scale_dtype": str(module.clip.logit_scale.dtype),
+                    "bn_stats_dtypes": sorted({str(m.running_mean.dtype) for m in bn})},
+                   workdir / f"bf16_{world}_{precision}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def cpu_engine_on_a_cuda_machine_rank(rank: int, world: int, port: int, out: str) -> None:
+    """build_engine with use_gpu false where torch reports a GPU (patched: there is none here)."""
+    from liqe_dist.engine import OptimConfig, build_engine
+    from liqe_dist.model import LIQE, build_clip
+
+    init_rank(rank, world, port)
+    torch.cuda.is_available = lambda: True
+    engine, _, _ = build_engine(LIQE(build_clip("liqe-tiny")), OptimConfig(precision="auto"), 10, use_gpu=False)
+    from deepspeed.accelerator import get_accelerator
+
+    torch.save({"device": str(engine.device), "bf16": engine.bfloat16_enabled(),
+                "accelerator": get_accelerator().device_name(),
+                "param_dtype": str(engine.module.dtype)}, out)
     dist.destroy_process_group()

@@ -9,7 +9,7 @@ from shard_fixtures import pack_csv, write_csv_dataset
 from liqe_dist.crops import CropConfig, eval_crops
 from liqe_dist.data.records import make_key
 from liqe_dist.images import decode_image
-from liqe_dist.evaluation import DatasetEval, _update, evaluate_shards
+from liqe_dist.evaluation import DatasetEval, _update, evaluate_shards, output_statistics
 from liqe_dist.model import predictions_from_logits
 from liqe_dist.vocabulary import Vocabulary
 
@@ -27,7 +27,7 @@ def test_task_accuracies_by_hand():
     batch = {"keys": ["a", "b"], "mos": torch.tensor([1.0, 2.0]), "scenes": scenes,
              "distortion": torch.tensor([3, 5]), "has_distortion": torch.tensor([True, True])}
     ev = DatasetEval("x")
-    _update(ev, batch, out)
+    _update(ev, batch, output_statistics(out, batch).tolist())
     assert (ev.scene_hits, ev.scene_labels) == (2, 3)
     assert ev.distortion_accuracy == 0.5
     assert math.isnan(DatasetEval("y").scene_accuracy)

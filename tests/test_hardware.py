@@ -35,3 +35,39 @@ def test_this_machine_is_described_and_detected():
     name, flags = hardware.cpu_info()
     assert name and f"CPU: {name}" in describe()
     assert native_bf16("cpu") == bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def test_devices_resolve_from_the_request_not_the_machine():
+    import torch
+
+    from liqe_dist.hardware import process_group_backend, resolve_device, training_device
+
+    assert resolve_device("cpu") == torch.device("cpu") and training_device(False) == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="must be auto, cpu or cuda"):
+        resolve_device("tpu")
+    assert process_group_backend(True) == "cpu:gloo,cuda:nccl" and process_group_backend(False) == "gloo"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+        with pytest.raises(RuntimeError, match="use_gpu is true"):
+            training_device(True)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_score_on_cuda_without_a_gpu_is_one_clear_line(tmp_path, caplog):
+    from liqe_dist.cli import main
+
+    (tmp_path / "a.png").write_bytes(b"")
+    assert main(["score", str(tmp_path / "a.png"), "--model", "liqe-tiny", "--device", "cuda"]) == 2
+    assert "device 'cuda': no CUDA GPU" in caplog.text
+
+
+def test_gpu_runs_get_loader_processes_by_default(tmp_path):
+    from liqe_dist.train_config import GPU_CPUS_PER_WORKER, DatasetSpec, TrainConfig
+
+    ds = [DatasetSpec("a", str(tmp_path))]
+    cpu, gpu = TrainConfig(datasets=ds), TrainConfig(datasets=ds, use_gpu=True)
+    assert (cpu.resolved_cpus_per_worker, cpu.resolved_loader_workers) == (1.0, 0)
+    assert (gpu.resolved_cpus_per_worker, gpu.resolved_loader_workers) == (GPU_CPUS_PER_WORKER, 7)
+    assert TrainConfig(datasets=ds, use_gpu=True, cpus_per_worker=4).resolved_loader_workers == 3

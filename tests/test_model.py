@@ -185,3 +185,55 @@ def test_model_config_rejects_bad_values():
         ModelConfig(name="ViT-Q-99")
     with pytest.raises(ValueError, match="model.checkpoint: no such file"):
         ModelConfig(name="liqe-tiny", checkpoint="/nonexistent/w.safetensors")
+
+
+def _deepspeed_bf16(model: LIQE) -> LIQE:
+    """What DeepSpeed's bf16 engine does to a module: parameters to bf16, buffers untouched."""
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def test_dtype_follows_the_vision_weights_and_uint8_crops_run_in_bf16(tiny_clip):
+    """DeepSpeed casts parameters only: the frozen logit scale (a buffer) stays float32, so the
+    model's dtype must come from the image tower, or float32 crops meet bf16 convolutions."""
+    model = _deepspeed_bf16(LIQE(tiny_clip).eval())
+    assert model.clip.logit_scale.dtype == torch.float32 and model.dtype == torch.bfloat16
+    pixels = torch.randint(0, 256, (2, 2, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        out = model(pixels)
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.score).all()
+
+
+def test_text_cache_is_kept_across_batches_in_bf16(tiny_clip, monkeypatch):
+    model = _deepspeed_bf16(LIQE(tiny_clip).eval())
+    calls = []
+    encode = model.encode_prompts
+    monkeypatch.setattr(model, "encode_prompts", lambda *a: calls.append(1) or encode(*a))
+    pixels = torch.randint(0, 256, (1, 1, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        model(pixels)
+        model(pixels)
+    assert len(calls) == 1
+
+
+def test_logit_scale_stays_float32_when_the_model_is_cast(tiny_clip):
+    """ln 100 in bf16 is 4.594: exp gives 98.9, every logit 1.1 % small."""
+    model = LIQE(tiny_clip)
+    model.clip.logit_scale.fill_(math.log(100.0))
+    model = model.to(torch.bfloat16)
+    assert model.clip.logit_scale.dtype == torch.float32
+    assert model.clip.logit_scale.exp().item() == pytest.approx(100.0, rel=1e-6)
+    assert torch.tensor(math.log(100.0)).bfloat16().float().exp().item() == pytest.approx(98.86, abs=0.01)
+
+
+def test_cosines_and_the_linear_head_are_float32_in_bf16(tiny_clip_state):
+    from liqe_dist.model import build_clip
+
+    clip = build_clip("liqe-tiny")
+    clip.load_state_dict(tiny_clip_state)
+    model = _deepspeed_bf16(LIQE(clip, head="linear", vocabulary=Vocabulary.for_tasks(True, False, False)))
+    emb = F.normalize(torch.randn(64, 1, model.clip.visual.output_dim), dim=-1)
+    emb = emb + 1e-4 * torch.randn_like(emb)  # 64 nearly equal images: bf16 outputs would tie
+    q = model.logits(emb, None)
+    assert q.dtype == torch.float32 and q.unique().numel() == 64

@@ -1,10 +1,12 @@
 """The training loop on real ranks (spawned processes, gloo, DeepSpeed) and under Ray Train."""
 
 import csv
+import math
 import json
 import shutil
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 from scipy.stats import spearmanr
 
@@ -194,3 +196,25 @@ def test_missing_shards_fail_before_ray_starts(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.*no manifest"):
         run_training(cfg)
     assert not ray.is_initialized()
+
+
+def test_bf16_run_trains_checkpoints_and_resumes(shards):
+    """Two ranks in bf16 (the GPU precision, on the CPU) with the ResNet tower: the run trains,
+    its weight files hold the float32 masters, and a resume from the middle checkpoint goes on."""
+    from safetensors.torch import load_file
+
+    base, a, b = shards
+    cfg = config(base, a, b, name="bf16", model=ModelConfig(name="liqe-tiny-rn"), epochs=2, steps_per_epoch=2,
+                 checkpoint_every=2, optim=OptimConfig(lr=1e-3, zero_stage=1, precision="bf16"), eval_parts=("test",))
+    mp.spawn(train_rank, args=(2, free_port(), to_dict(cfg)), nprocs=2, join=True)
+    run = base / "runs" / "bf16"
+    weights = load_file(str(run / "final.safetensors"))
+    assert all(v.dtype != torch.bfloat16 for v in weights.values())
+    assert any((v != v.bfloat16().float()).any() for v in weights.values() if v.is_floating_point())
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    mp.spawn(train_rank, args=(2, free_port(), to_dict(cfg)), nprocs=2, join=True)
+    steps = rows(run / "steps.csv")
+    assert [int(r["step"]) for r in steps] == [1, 2, 3, 4]
+    assert all(math.isfinite(float(r["loss"])) for r in steps)
+    events = [json.loads(line) for line in open(run / "events.jsonl")]
+    assert [e["event"] for e in events] == ["start", "finish", "resume", "finish"]
