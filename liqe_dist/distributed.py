@@ -132,15 +132,6 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def assert_same_on_all_ranks(x: torch.Tensor, what: str, atol: float = 0.0) -> None:
-    """Raise if ``x`` differs between ranks (checked at run time, e.g. the DWA weights)."""
-    if not is_distributed():
-        return
-    spread = max_spread(x).max().item()
-    if spread > atol:
-        raise RuntimeError(f"{what} differs across ranks (max spread {spread:.3g})")
-
-
 def max_spread(x: torch.Tensor) -> torch.Tensor:
     """Elementwise max - min of ``x`` over ranks (float64, on ``x``'s device; one collective, no
     host read): zero where all ranks agree."""
