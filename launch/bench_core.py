@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from liqe_dist.crops import eval_crops
-from liqe_dist.model import LIQE, build_clip
-from liqe_dist.scoring import Scorer
-from liqe_dist.text_encoder import encode_tokens
-from liqe_dist.vocabulary import Vocabulary
+from liqe_dist.data.crops import eval_crops
+from liqe_dist.models.liqe.model import LIQE, build_clip
+from liqe_dist.eval.scoring import Scorer
+from liqe_dist.models.liqe.text_encoder import encode_tokens
+from liqe_dist.models.liqe.vocabulary import Vocabulary
 from liqe_dist.hardware import describe, resolve_device
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from liqe_dist.data.adapters import read_dataset
 from liqe_dist.data.packing import PackConfig, pack_records
-from liqe_dist.data.stream import TrainBatches, TrainSource
+from liqe_dist.data.stream import TrainBatches, DatasetSpec
 from liqe_dist.data.synthetic import write_synthetic_dataset
 from liqe_dist.hardware import describe
 
@@ -64,7 +64,7 @@ def bench_pack(table: Path, name: str, work: Path, workers: int) -> list[tuple]:
 def bench_stream(shard_dir: Path, name: str, batches: int) -> list[tuple]:
     rows = []
     for workers in (0, 1, 2):
-        ds = TrainBatches([TrainSource(str(shard_dir), 8)], shuffle_buffer=16)
+        ds = TrainBatches([DatasetSpec("d", str(shard_dir), 8)], shuffle_buffer=16)
         loader = DataLoader(ds, batch_size=None, num_workers=workers)
         it = iter(loader)
         next(it)  # start-up (worker spawn, first shard open) is not counted

@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from liqe_dist.distributed import free_local_port, init_local_rank
-from liqe_dist.engine import OptimConfig, build_engine
-from liqe_dist.losses import weighted_total
-from liqe_dist.model import ModelConfig, build_model
-from liqe_dist.objective import TASKS, step_losses
+from liqe_dist.dist.local_group import free_local_port, init_local_rank
+from liqe_dist.dist.engine import OptimConfig, build_engine
+from liqe_dist.train.weighting import weighted_total
+from liqe_dist.models.liqe.config import LIQEConfig
+from liqe_dist.models.registry import build_model
+from liqe_dist.models.liqe.objective import TASKS, step_losses
 from liqe_dist.hardware import describe, move_batch, resolve_device
 
 RECIPES = {  # name -> (text context, shard prompts over ranks)
@@ -60,7 +61,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, recipe
     on_gpu = args.device.type == "cuda"
     init_local_rank(rank, world, port, threads=max(1, args.threads // world), use_gpu=on_gpu)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name=args.model, text_context=context))
+    model = build_model(LIQEConfig(name=args.model, text_context=context))
     engine, _, _ = build_engine(model, OptimConfig(lr=1e-7, zero_stage=1, precision=args.precision),
                                 total_steps=1000, use_gpu=on_gpu)
     voc = engine.module.vocabulary

@@ -7,15 +7,17 @@ import logging
 import sys
 from pathlib import Path
 
-from .logs import setup_logging
+from liqe_dist.console import setup_logging
 
 log = logging.getLogger("liqe_dist")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="ViT-B-32", help="open_clip model name or project config (liqe-tiny)")
-    g.add_argument("--checkpoint", help="weights file: project .safetensors, released LIQE .pt, pyiqa liqe_mix.pt")
+    g.add_argument("--model", help="LIQE: open_clip model name or project config (default ViT-B-32; for .pt files "
+                                   "the architecture they hold)")
+    g.add_argument("--checkpoint", help="weights file: project .safetensors of any family (detected from the file), "
+                                        "released LIQE .pt, pyiqa liqe_mix.pt")
     g.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai; downloaded by open_clip)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 where the hardware computes it natively (AVX512_BF16/AMX CPUs, bf16 GPUs), "
@@ -24,11 +26,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
-    from .crops import CropConfig
-    from .hardware import resolve_device, resolve_precision
-    from .model import ModelConfig, build_model
-    from .scoring import ScoreFailure, Scorer, expand_sources, write_scores
+    from liqe_dist.eval.scoring import ScoreFailure, Scorer, default_crops, expand_sources, write_scores
+    from liqe_dist.hardware import resolve_device, resolve_precision
+    from liqe_dist.models.registry import load_model
+    from liqe_dist.models.weights import CheckpointError
 
     device = resolve_device(args.device)
 
@@ -38,16 +39,17 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not sources:
         log.error("nothing to score")
         return 1
-    cfg = ModelConfig(name=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                      precision=resolve_precision(args.precision, str(device)))
-    if not (cfg.checkpoint or cfg.pretrained):
-        log.warning("no --checkpoint or --pretrained: %s has random weights, scores are meaningless", cfg.name)
+    if not (args.checkpoint or args.pretrained):
+        log.warning("no --checkpoint or --pretrained: %s has random weights, scores are meaningless",
+                    args.model or "ViT-B-32")
     try:
-        model = build_model(cfg)
+        model = load_model(args.checkpoint, args.model, args.pretrained, resolve_precision(args.precision, str(device)))
     except (CheckpointError, ValueError, RuntimeError) as exc:  # unreadable or unfitting weights, bad name
         log.error("%s", exc)
         return 2
-    scorer = Scorer(model, CropConfig(small_images=args.small_images),
+    crops = default_crops(model, small_images=args.small_images)
+    log.info("%s model, %d crops of %d px per image", model.family, crops.eval_crops, crops.size)
+    scorer = Scorer(model, crops,
                     batch_images=args.batch_images, num_workers=args.workers, device=device)
     skipped = len(failures)
 
@@ -77,8 +79,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_pack(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .data.adapters import read_dataset
-    from .data.packing import PackConfig, pack_records
+    from liqe_dist.data.adapters import read_dataset
+    from liqe_dist.data.packing import PackConfig, pack_records
 
     name = args.name or args.format
     records = read_dataset(args.format, Path(args.root), name, Path(args.lists) if args.lists else None)
@@ -96,7 +98,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_verify(args: argparse.Namespace) -> int:
-    from .data.verify import verify_shards
+    from liqe_dist.data.verify import verify_shards
 
     bad = 0
     for d in args.dirs:
@@ -109,14 +111,14 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_info(args: argparse.Namespace) -> int:
-    from .data.verify import format_table, shards_info
+    from liqe_dist.data.verify import format_table, shards_info
 
     print(format_table(shards_info(args.root)))
     return 0
 
 
 def cmd_make_synthetic(args: argparse.Namespace) -> int:
-    from .data.synthetic import write_synthetic_dataset
+    from liqe_dist.data.synthetic import write_synthetic_dataset
 
     table = write_synthetic_dataset(args.out, references=args.references, workers=args.workers,
                                     progress=not args.no_progress)
@@ -127,9 +129,9 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .config import ConfigError, load_yaml, parse_overrides
-    from .ray_launch import run_training
-    from .train_config import TrainConfig
+    from liqe_dist.config import ConfigError, load_yaml, parse_overrides
+    from liqe_dist.run.ray_train import run_training
+    from liqe_dist.train.config import TrainConfig
 
     cfg = load_yaml(TrainConfig, args.config, parse_overrides(args.set))
     if args.workers is not None:
@@ -138,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ConfigError(f"--workers: {exc}") from None
     metrics = run_training(cfg, address=args.address)
-    best = {k[5:]: v for k, v in metrics.items() if k.startswith("best/") and k.endswith("srcc")}
+    best = {k.removeprefix("best/"): v for k, v in metrics.items() if k.startswith("best/") and k.endswith("srcc")}
     log.info("finished: %s; outputs in %s", ", ".join(f"{k} {v:.3f}" for k, v in best.items()), cfg.run_dir)
     return 0
 
@@ -148,41 +150,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .config import ConfigError, load_yaml, parse_overrides
-    from .crops import CropConfig
-    from .evaluation import TABLE_HEADER, evaluate_shards, table_row, write_results
-    from .hardware import resolve_device, resolve_precision
-    from .model import ModelConfig, build_model
-    from .train_config import TrainConfig
+    from liqe_dist.config import ConfigError, load_yaml, parse_overrides
+    from liqe_dist.eval.scoring import default_crops
+    from liqe_dist.eval.shard_eval import TABLE_HEADER, evaluate_shards, table_row, write_results
+    from liqe_dist.hardware import resolve_device, resolve_precision
+    from liqe_dist.models.registry import build_model, load_model
+    from liqe_dist.train.config import TrainConfig
 
     device = resolve_device(args.device)
-
+    precision = args.precision and resolve_precision(args.precision, str(device))
     if args.config:
         cfg = load_yaml(TrainConfig, args.config, parse_overrides(args.set))
-        model_cfg, crops, seed = cfg.model, cfg.crops, cfg.seed
+        changes = {k: v for k, v in (("checkpoint", args.checkpoint), ("pretrained", args.pretrained),
+                                    ("precision", precision), ("name", args.model)) if v is not None}
+        try:
+            model_cfg = dataclasses.replace(cfg.model, **changes)
+        except TypeError:
+            raise ConfigError(f"--model/--pretrained do not apply to a {cfg.model.family} model") from None
+        torch.manual_seed(cfg.seed)  # the initial weights training with this config would start from
+        model, label, crops = build_model(model_cfg), model_cfg.label, cfg.crops
         shards = args.shards or [d.shards for d in cfg.datasets]
         split = cfg.split if args.split is None else args.split
         batch = cfg.eval_batch
     else:
         if args.set:
             raise ConfigError("--set needs --config")
-        model_cfg = ModelConfig(name=args.model or "ViT-B-32")
-        crops, seed, shards = CropConfig(), 0, args.shards
-        split, batch = args.split or 0, 8
-    changes = {k: v for k, v in (("checkpoint", args.checkpoint), ("pretrained", args.pretrained),
-                                ("precision", args.precision and resolve_precision(args.precision, str(device))))
-               if v is not None}
-    if args.model and args.config:
-        changes["name"] = args.model
-    model_cfg = dataclasses.replace(model_cfg, **changes)
+        model = load_model(args.checkpoint, args.model, args.pretrained, precision or "fp32")
+        weights = (Path(args.checkpoint).name if args.checkpoint
+                   else f"pretrained {args.pretrained}" if args.pretrained else "random")
+        label = f"{model.family} ({weights})"
+        crops, shards, split, batch = default_crops(model), args.shards, args.split or 0, 8
     if not shards:
         raise ConfigError("no shard sets: give SHARDS or --config")
-    torch.manual_seed(seed)  # the initial weights training with this config would start from
-    model = build_model(model_cfg)
     results = evaluate_shards(model.to(device), shards, split, args.part, crops, batch, args.workers,
                               progress=not args.no_progress)
-    weights = model_cfg.checkpoint or (f"pretrained {model_cfg.pretrained}" if model_cfg.pretrained else "random")
-    label = f"{model_cfg.name} ({Path(weights).name if model_cfg.checkpoint else weights})"
     print(f"\n{args.part} part of split {split}, {crops.eval_crops} crops per image\n")
     print(TABLE_HEADER)
     for ev in results.values():
@@ -199,19 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("score", help="score images: quality in [1, 5], scene, distortion")
+    p = sub.add_parser("score", help="score images: quality in [1, 5] and the model's label heads (LIQE: scene, "
+                                     "distortion)")
     p.add_argument("paths", nargs="+", help="image files, folders, or list files (.txt: one path per line)")
     _add_model_args(p)
     p.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     p.add_argument("-o", "--output", help="write here instead of standard output")
-    p.add_argument("--batch-images", type=int, default=8, help="images per forward pass (x15 crops)")
+    p.add_argument("--batch-images", type=int, default=8, help="images per forward pass (x the family's crops: "
+                                                                 "LIQE 15, PMT-IQA 4)")
     p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
     p.add_argument("--small-images", choices=["upsample", "refuse"], default="upsample",
                    help="images with a side under 224 px: upscale (flagged in the output) or refuse")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_score)
 
-    from .data.adapters import ADAPTERS
+    from liqe_dist.data.adapters import ADAPTERS
 
     p = sub.add_parser("pack", help="pack a dataset into labelled WebDataset shards")
     p.add_argument("format", choices=sorted(ADAPTERS), help="how the dataset is distributed (csv: generic table)")
@@ -281,9 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run a command; an expected failure (bad file, bad config, unreadable weights or image) is
     one line naming what is wrong and exit code 2, its traceback only with ``--debug``."""
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .images import ImageDecodeError
+    from liqe_dist.config import ConfigError
+    from liqe_dist.models.weights import CheckpointError
+    from liqe_dist.data.images import ImageDecodeError
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose or args.debug)

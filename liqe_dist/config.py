@@ -47,6 +47,9 @@ def _check(value: Any, annotation: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        tagged = _tagged_choice(value, args, key)
+        if tagged is not None:
+            return _check(value, tagged, key)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -103,6 +106,36 @@ def _check(value: Any, annotation: Any, key: str) -> Any:
     if isinstance(annotation, type) and not isinstance(value, annotation):
         raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
     return value
+
+
+TAG = "family"  # the field that picks one dataclass of a union (``model.family: pmt_iqa``)
+
+
+def _tag_values(cls: type) -> tuple | None:
+    """The values of ``cls``'s ``family: Literal[...]`` field, None if it has none."""
+    if not dataclasses.is_dataclass(cls):
+        return None
+    hint = typing.get_type_hints(cls).get(TAG)
+    return get_args(hint) if get_origin(hint) is Literal else None
+
+
+def _tagged_choice(value: Any, args: tuple, key: str) -> type | None:
+    """For a union of tagged dataclasses: the one ``value[TAG]`` names (the first one's by
+    default), or an error naming the known tags; None when ``args`` is not such a union."""
+    choices = [a for a in args if a is not type(None)]
+    tags = [_tag_values(a) for a in choices]
+    if len(choices) < 2 or any(t is None for t in tags):
+        return None
+    if isinstance(value, tuple(choices)):
+        return type(value)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    tag = value.get(TAG, tags[0][0])
+    for cls, values in zip(choices, tags):
+        if tag in values:
+            return cls
+    known = [v for values in tags for v in values]
+    raise ConfigError(f"{key}.{TAG}: expected one of {known}, got {tag!r}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_weights, save_weights
-from .config import load_yaml
-from .data.adapters import read_dataset
-from .data.packing import PackConfig, pack_records
-from .data.synthetic import write_synthetic_dataset
-from .data.verify import verify_shards
-from .evaluation import TABLE_HEADER, evaluate_shards, table_row
-from .logs import setup_logging
-from .model import build_model
-from .train_config import TrainConfig
+from liqe_dist.config import load_yaml
+from liqe_dist.data.adapters import read_dataset
+from liqe_dist.data.packing import PackConfig, pack_records
+from liqe_dist.data.synthetic import write_synthetic_dataset
+from liqe_dist.data.verify import verify_shards
+from liqe_dist.eval.shard_eval import TABLE_HEADER, evaluate_shards, table_row
+from liqe_dist.console import setup_logging
+from liqe_dist.models.registry import build_model
+from liqe_dist.models.weights import load_weights, save_weights
+from liqe_dist.train.config import TrainConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "launch" / "configs" / "demo.yaml"
 MIN_GAIN = 0.1  # test SRCC the trained model must add over the untrained one
@@ -62,16 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True)
     shards = [d.shards for d in cfg.datasets]
 
-    print(f"3. scoring the test split with the untrained model ({cfg.model.name}, random weights, seed {cfg.seed})")
+    print(f"3. scoring the test split with the untrained model ({cfg.model.label}, seed {cfg.seed})")
     torch.manual_seed(cfg.seed)  # the same initial weights train_worker starts from
     untrained = build_model(cfg.model)
-    save_weights(untrained, run_dir / "untrained.safetensors", cfg.model.name)
+    save_weights(untrained, run_dir / "untrained.safetensors")
     before = evaluate_shards(untrained, shards, cfg.split, "test", cfg.crops, cfg.eval_batch)
 
     print(f"4. training: {cfg.workers} Ray Train workers x DeepSpeed ZeRO-{cfg.optim.zero_stage}, "
           f"{cfg.total_steps} steps of {cfg.workers} x {cfg.datasets[0].batch_size} images x "
           f"{cfg.crops.train_crops} crops; progress in {run_dir}/steps.csv")
-    from .ray_launch import run_training
+    from liqe_dist.run.ray_train import run_training
 
     t0 = time.perf_counter()
     summary = run_training(cfg)

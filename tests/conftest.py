@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from liqe_dist.model import LIQE, build_clip
+from liqe_dist.models.liqe.model import LIQE, build_clip
 
 torch.set_num_threads(2)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from liqe_dist.distributed import init_local_rank
+from liqe_dist.dist.local_group import init_local_rank
 
 TENSOR_LABELS = ("dataset", "mos", "has_mos", "scenes", "has_scenes", "distortion", "has_distortion")
 
@@ -19,7 +19,7 @@ def init_rank(rank: int, world: int, port: int) -> None:
 def make_problem(workdir: Path, n: int = 7, crops: int = 2, seed: int = 0, name: str = "liqe-tiny") -> None:
     """A fixed initial model and global batch: two datasets interleaved (pairs cross ranks),
     a MOS tie, an image without scene labels, one without a distortion label."""
-    from liqe_dist.model import build_clip
+    from liqe_dist.models.liqe.model import build_clip
 
     torch.manual_seed(seed)
     clip = build_clip(name)
@@ -47,7 +47,7 @@ WEIGHTS = {"quality": 1.0, "scene": 0.7, "distortion": 1.3}
 
 
 def build_liqe(workdir: Path, name: str = "liqe-tiny"):
-    from liqe_dist.model import LIQE, build_clip
+    from liqe_dist.models.liqe.model import LIQE, build_clip
 
     clip = build_clip(name)
     clip.load_state_dict(torch.load(workdir / "init.pt", weights_only=True))
@@ -57,10 +57,11 @@ def build_liqe(workdir: Path, name: str = "liqe-tiny"):
 def invariance_rank(rank: int, world: int, port: int, workdir: str, stage: int, optim_kwargs: dict,
                     recipe: str = "paper") -> None:
     """One DeepSpeed step on this rank's slice of the global batch; rank 0 saves the result."""
-    from liqe_dist.distributed import shard_range
-    from liqe_dist.engine import OptimConfig, build_engine
-    from liqe_dist.losses import LossConfig, weighted_total
-    from liqe_dist.objective import step_losses
+    from liqe_dist.dist.collectives import shard_range
+    from liqe_dist.dist.engine import OptimConfig, build_engine
+    from liqe_dist.models.liqe.losses import LossConfig
+    from liqe_dist.train.weighting import weighted_total
+    from liqe_dist.models.liqe.objective import step_losses
 
     workdir = Path(workdir)
     init_rank(rank, world, port)
@@ -88,8 +89,8 @@ def invariance_rank(rank: int, world: int, port: int, workdir: str, stage: int, 
 def train_rank(rank: int, world: int, port: int, cfg_dict: dict) -> None:
     """Run the training loop on this rank (as Ray Train or torchrun would)."""
     from liqe_dist.config import from_dict
-    from liqe_dist.train_config import TrainConfig
-    from liqe_dist.trainer import train_worker
+    from liqe_dist.train.config import TrainConfig
+    from liqe_dist.train.loop import train_worker
 
     init_rank(rank, world, port)
     train_worker(from_dict(TrainConfig, cfg_dict))
@@ -99,7 +100,7 @@ def train_rank(rank: int, world: int, port: int, cfg_dict: dict) -> None:
 def bn_problem(seed: int = 0):
     """A ResNet image tower with batch norm (float64, so only the method's error shows), a batch
     of 7 images and a loss that is nonlinear in the whole batch's output."""
-    from liqe_dist.model import build_clip
+    from liqe_dist.models.liqe.model import build_clip
 
     torch.manual_seed(seed)
     visual = build_clip("liqe-tiny-rn").visual.double().train()
@@ -112,7 +113,8 @@ def bn_problem(seed: int = 0):
 def global_bn_rank(rank: int, world: int, port: int, workdir: str) -> None:
     """Rank ``rank``'s share of :func:`bn_problem` through GlobalBatchNorm2d; gradients averaged
     over ranks as data parallelism does; rank 0 saves them with the running statistics."""
-    from liqe_dist.distributed import all_gather_cat, shard_range, use_global_batchnorm
+    from liqe_dist.dist.collectives import all_gather_cat, shard_range
+    from liqe_dist.dist.batchnorm import use_global_batchnorm
 
     init_local_rank(rank, world, port, threads=1)
     visual, images, loss_fn = bn_problem()
@@ -134,8 +136,8 @@ def global_bn_rank(rank: int, world: int, port: int, workdir: str) -> None:
 def train_configs_rank(rank: int, world: int, port: int, cfg_dicts: list[dict]) -> None:
     """Run the training loop for several configs one after the other in the same ranks."""
     from liqe_dist.config import from_dict
-    from liqe_dist.train_config import TrainConfig
-    from liqe_dist.trainer import train_worker
+    from liqe_dist.train.config import TrainConfig
+    from liqe_dist.train.loop import train_worker
 
     init_rank(rank, world, port)
     for cfg_dict in cfg_dicts:
@@ -147,13 +149,14 @@ def bf16_rank(rank: int, world: int, port: int, workdir: str, name: str, stage: 
     """One step of ``name`` in ``precision`` on this rank's slice of the problem; rank 0 saves the
     float32 master weights after it, the loss and what the engine runs. Then the step's
     checkpoint is written, a fresh engine restores it, and its masters are compared."""
-    from liqe_dist.checkpointing import load_training_checkpoint, master_state_dict, save_training_checkpoint
-    from liqe_dist.distributed import shard_range, use_global_batchnorm
-    from liqe_dist.engine import OptimConfig, build_engine
+    from liqe_dist.train.state import load_training_checkpoint, master_state_dict, save_training_checkpoint
+    from liqe_dist.dist.collectives import shard_range
+    from liqe_dist.dist.batchnorm import use_global_batchnorm
+    from liqe_dist.dist.engine import OptimConfig, build_engine
     from liqe_dist.hardware import move_batch
-    from liqe_dist.losses import weighted_total
-    from liqe_dist.objective import step_losses
-    from liqe_dist.weighting import WeightingConfig, build_weighting
+    from liqe_dist.train.weighting import weighted_total
+    from liqe_dist.models.liqe.objective import step_losses
+    from liqe_dist.train.weighting import WeightingConfig, build_weighting
 
     workdir = Path(workdir)
     init_rank(rank, world, port)
@@ -174,7 +177,7 @@ def bf16_rank(rank: int, world: int, port: int, workdir: str, name: str, stage: 
     engine.step()
     masters = master_state_dict(engine)
     weighting = build_weighting(WeightingConfig(), tuple(WEIGHTS), 10, 1)
-    save_training_checkpoint(workdir / f"ckpt-{world}", engine, sched, weighting, 1, rank, name)
+    save_training_checkpoint(workdir / f"ckpt-{world}", engine, sched, weighting, 1, rank)
     dist.barrier()
     fresh, _, fresh_sched = engine_for()
     load_training_checkpoint(workdir / f"ckpt-{world}" / "step-00000001", fresh, fresh_sched, weighting, rank, world)
@@ -194,8 +197,8 @@ def bf16_rank(rank: int, world: int, port: int, workdir: str, name: str, stage: 
 
 def cpu_engine_on_a_cuda_machine_rank(rank: int, world: int, port: int, out: str) -> None:
     """build_engine with use_gpu false where torch reports a GPU (patched: there is none here)."""
-    from liqe_dist.engine import OptimConfig, build_engine
-    from liqe_dist.model import LIQE, build_clip
+    from liqe_dist.dist.engine import OptimConfig, build_engine
+    from liqe_dist.models.liqe.model import LIQE, build_clip
 
     init_rank(rank, world, port)
     torch.cuda.is_available = lambda: True

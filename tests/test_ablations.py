@@ -13,11 +13,11 @@ import torch
 import torch.multiprocessing as mp
 
 from dist_workers import train_configs_rank
-from liqe_dist.checkpoint import load_weights
+from liqe_dist.models.weights import load_weights
 from liqe_dist.config import load_yaml, to_dict
-from liqe_dist.distributed import free_local_port
-from liqe_dist.model import build_model
-from liqe_dist.train_config import TrainConfig
+from liqe_dist.dist.local_group import free_local_port
+from liqe_dist.models.registry import build_model
+from liqe_dist.train.config import TrainConfig
 from shard_fixtures import pack_csv, write_csv_dataset
 
 CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "configs"
@@ -27,7 +27,7 @@ REFERENCE = CONFIGS / "liqe_reference.yaml"
 SWITCHES = {
     "t4_1_pretrained_clip_c2": {"model.quality_levels": 2, "model.tasks": ("quality",), "epochs": 0},
     "t4_2_finetuned_clip_c2": {"model.quality_levels": 2, "model.tasks": ("quality",)},
-    "t4_3_frozen_text_encoder": {"freeze_text": True},
+    "t4_3_frozen_text_encoder": {"model.freeze_text": True},
     "t4_4_separate_templates": {"model.separate_templates": True},
     "t4_5_equal_weights": {"weighting.method": "equal"},
     "t4_6_visual_encoder_only": {"model.head": "linear", "model.tasks": ("quality",)},
@@ -54,7 +54,7 @@ def flat(d: dict, prefix: str = "") -> dict:
 def test_every_table_row_has_a_config_differing_in_exactly_its_switch():
     assert sorted(p.stem for p in (CONFIGS / "ablations").glob("*.yaml")) == sorted(SWITCHES)
     ref = flat(to_dict(load_yaml(TrainConfig, REFERENCE)))
-    assert ref["loss.recipe"] == "reference" and ref["optim.schedule"] == "cosine_cycles"
+    assert ref["model.loss.recipe"] == "reference" and ref["optim.schedule"] == "cosine_cycles"
     assert ref["model.pretrained"] == "openai"
     for stem, switch in SWITCHES.items():
         cfg = flat(to_dict(load_yaml(TrainConfig, CONFIGS / "ablations" / f"{stem}.yaml")))
@@ -103,4 +103,4 @@ def test_every_ablation_builds_and_runs_one_step(one_step_runs, stem):
     assert float(steps[0]["loss"]) > 0
     assert float(steps[0]["lr"]) == pytest.approx(5e-6)  # epoch 0 of the reference cycles
     assert image_changed
-    assert text_changed == (not cfg.freeze_text and cfg.model.head == "prompts")
+    assert text_changed == (not cfg.model.freeze_text and cfg.model.head == "prompts")

@@ -12,8 +12,8 @@ import torch
 import torch.multiprocessing as mp
 
 from dist_workers import bf16_rank, cpu_engine_on_a_cuda_machine_rank, make_problem
-from liqe_dist.distributed import free_local_port
-from liqe_dist.engine import OptimConfig, ds_config, training_precision
+from liqe_dist.dist.local_group import free_local_port
+from liqe_dist.dist.engine import OptimConfig, ds_config, training_precision
 
 pytestmark = pytest.mark.slow  # real processes
 

@@ -12,9 +12,12 @@ import pytest
 import torch
 
 from liqe_dist import load
-from liqe_dist.checkpoint import CheckpointError, load_weights, read_state_dict, save_weights
-from liqe_dist.model import LIQE, ModelConfig, build_model
-from liqe_dist.vocabulary import VOCABULARY_VERSION, Vocabulary
+from liqe_dist.models.weights import CheckpointError, load_weights, read_state_dict, save_weights
+from liqe_dist.models.liqe.config import LIQEConfig
+from liqe_dist.models.liqe.model import LIQE
+from liqe_dist.models.registry import build_model
+from liqe_dist.data.labels import VOCABULARY_VERSION
+from liqe_dist.models.liqe.vocabulary import Vocabulary
 
 
 def outputs(model, seed=0):
@@ -24,7 +27,7 @@ def outputs(model, seed=0):
 
 
 def test_project_format_round_trip(tmp_path, tiny_liqe):
-    path = save_weights(tiny_liqe, tmp_path / "w.safetensors", "liqe-tiny", extra={"step": 7})
+    path = save_weights(tiny_liqe, tmp_path / "w.safetensors", extra={"step": 7})
     assert not (tmp_path / "w.safetensors.partial").exists()
     state, meta = read_state_dict(path)
     assert meta["vocabulary_version"] == VOCABULARY_VERSION and meta["model_name"] == "liqe-tiny"
@@ -34,14 +37,14 @@ def test_project_format_round_trip(tmp_path, tiny_liqe):
 
 def test_project_format_keeps_the_vocabulary(tmp_path, tiny_clip):
     model = LIQE(tiny_clip, Vocabulary.for_tasks(scene=False, levels=2))
-    loaded = load_weights(save_weights(model, tmp_path / "w.safetensors", "liqe-tiny"))
+    loaded = load_weights(save_weights(model, tmp_path / "w.safetensors"))
     assert loaded.vocabulary == model.vocabulary and len(loaded.prompt_tokens) == 22
     separate = LIQE(tiny_clip, Vocabulary(separate=True))
-    loaded = load_weights(save_weights(separate, tmp_path / "s.safetensors", "liqe-tiny"))
+    loaded = load_weights(save_weights(separate, tmp_path / "s.safetensors"))
     assert loaded.vocabulary.separate and len(loaded.prompt_tokens) == 25
     linear = LIQE(tiny_clip, Vocabulary.for_tasks(scene=False, distortion=False), head="linear")
     torch.nn.init.normal_(linear.head.weight)
-    loaded = load_weights(save_weights(linear, tmp_path / "h.safetensors", "liqe-tiny"))
+    loaded = load_weights(save_weights(linear, tmp_path / "h.safetensors"))
     assert loaded.head is not None and torch.equal(loaded.head.weight, linear.head.weight)
 
 
@@ -73,7 +76,7 @@ def test_released_formats(tmp_path, tiny_clip_state, tiny_liqe, wrap):
 def test_load_through_model_config_and_api(tmp_path, tiny_clip_state, tiny_liqe):
     path = tmp_path / "liqe_mix.pt"
     torch.save({"params": tiny_clip_state}, path)
-    model = build_model(ModelConfig(name="liqe-tiny", checkpoint=str(path)))
+    model = build_model(LIQEConfig(name="liqe-tiny", checkpoint=str(path)))
     assert torch.allclose(outputs(model).score, outputs(tiny_liqe).score, atol=1e-6)
     scorer = load("liqe-tiny", checkpoint=str(path))
     assert torch.allclose(outputs(scorer.model).score, outputs(tiny_liqe).score, atol=1e-6)
@@ -134,7 +137,7 @@ def test_metadata_never_becomes_a_path(tmp_path, tiny_liqe, monkeypatch):
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    good = save_weights(tiny_liqe, tmp_path / "w.safetensors", "liqe-tiny")
+    good = save_weights(tiny_liqe, tmp_path / "w.safetensors")
     target = tmp_path / "victim"
     target.mkdir()
     evil = _rewrite_meta(good, tmp_path / "evil.safetensors", model_name=f"../../../../{target}/owned")
@@ -158,7 +161,7 @@ def test_hostile_model_configs_are_refused_before_allocation(tmp_path, tiny_liqe
 
     from safetensors import safe_open
 
-    good = save_weights(tiny_liqe, tmp_path / "w.safetensors", "liqe-tiny")
+    good = save_weights(tiny_liqe, tmp_path / "w.safetensors")
     with safe_open(str(good), framework="pt") as f:
         cfg = json.loads(f.metadata()["model_cfg"])
     cfg.update(cfg_change)
@@ -178,13 +181,13 @@ def test_an_oversize_declared_model_costs_no_memory(tmp_path, tiny_liqe):
 
     from safetensors import safe_open
 
-    good = save_weights(tiny_liqe, tmp_path / "w.safetensors", "liqe-tiny")
+    good = save_weights(tiny_liqe, tmp_path / "w.safetensors")
     with safe_open(str(good), framework="pt") as f:
         cfg = json.loads(f.metadata()["model_cfg"])
     cfg["vision_cfg"].update(layers=48, width=2048, head_width=64)
     cfg["text_cfg"].update(layers=48, width=2048, heads=32)
     evil = _rewrite_meta(good, tmp_path / "evil.safetensors", model_cfg=cfg)
-    script = (f"import resource\nfrom liqe_dist.checkpoint import load_weights, CheckpointError\n"
+    script = (f"import resource\nfrom liqe_dist.models.weights import load_weights, CheckpointError\n"
               f"try:\n    load_weights({str(evil)!r})\nexcept CheckpointError as e:\n    print('refused', e)\n"
               f"print('maxrss_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120).stdout
@@ -193,7 +196,7 @@ def test_an_oversize_declared_model_costs_no_memory(tmp_path, tiny_liqe):
 
 
 def test_an_oversize_saved_vocabulary_is_refused(tmp_path, tiny_liqe):
-    good = save_weights(tiny_liqe, tmp_path / "w.safetensors", "liqe-tiny")
+    good = save_weights(tiny_liqe, tmp_path / "w.safetensors")
     words = [f"w{i}" for i in range(300)]
     evil = _rewrite_meta(good, tmp_path / "evil.safetensors",
                          vocabulary={"qualities": words, "scenes": words, "distortions": words})

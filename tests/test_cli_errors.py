@@ -99,7 +99,7 @@ def test_text_that_is_not_utf8_is_named(tmp_path):
     from liqe_dist.config import ConfigError, load_yaml
     from liqe_dist.data.adapters import DatasetFormatError
     from liqe_dist.data.adapters.label_lists import read_label_lists
-    from liqe_dist.train_config import TrainConfig
+    from liqe_dist.train.config import TrainConfig
 
     (tmp_path / "l.txt").write_bytes(b"caf\xe9.bmp\t1\tblur\tanimal\tinvalid\tinvalid\n")
     with pytest.raises(DatasetFormatError, match=r"l\.txt: not utf-8 text"):
@@ -114,8 +114,8 @@ def test_zero_size_and_pickled_inputs_are_refused_plainly(tmp_path):
     import struct
     import zlib
 
-    from liqe_dist.checkpoint import CheckpointError, read_state_dict
-    from liqe_dist.images import ImageDecodeError, decode_image
+    from liqe_dist.models.weights import CheckpointError, read_state_dict
+    from liqe_dist.data.images import ImageDecodeError, decode_image
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

@@ -3,14 +3,14 @@ from dataclasses import dataclass, field
 import pytest
 
 from liqe_dist.config import ConfigError, from_dict, load_yaml, parse_overrides
-from liqe_dist.crops import CropConfig
-from liqe_dist.model import ModelConfig
-from liqe_dist.weighting import WeightingConfig
+from liqe_dist.data.crops import CropConfig
+from liqe_dist.models.liqe.config import LIQEConfig
+from liqe_dist.train.weighting import WeightingConfig
 
 
 @dataclass
 class Example:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: LIQEConfig = field(default_factory=LIQEConfig)
     crops: CropConfig = field(default_factory=CropConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     batch_sizes: dict[str, int] = field(default_factory=dict)
@@ -53,7 +53,7 @@ def test_yaml_errors_name_the_file(tmp_path):
 
 
 def test_bad_ray_placement_is_named():
-    from liqe_dist.train_config import TrainConfig
+    from liqe_dist.train.config import TrainConfig
 
     with pytest.raises(ConfigError, match="placement must be PACK, SPREAD"):
         from_dict(TrainConfig, {"datasets": [{"name": "a", "shards": "shards/a"}], "placement": "ANYWHERE"})
@@ -88,14 +88,16 @@ def test_non_finite_numbers_are_refused(tmp_path, value):
 
 
 def test_loss_recipe_and_knobs_are_checked_by_key():
-    from liqe_dist.train_config import TrainConfig
+    from liqe_dist.train.config import TrainConfig
 
     data = {"datasets": [{"name": "a", "shards": "shards/a"}]}
-    with pytest.raises(ConfigError, match="loss.recipe: expected one of"):
-        from_dict(TrainConfig, {**data, "loss": {"recipe": "mine"}})
-    with pytest.raises(ConfigError, match="loss.ties: expected one of"):
-        from_dict(TrainConfig, {**data, "loss": {"ties": "sometimes"}})
-    with pytest.raises(ConfigError, match="loss: loss.phi_scale must be > 0"):
-        from_dict(TrainConfig, {**data, "loss": {"phi_scale": -1.0}})
+    with pytest.raises(ConfigError, match="model.loss.recipe: expected one of"):
+        from_dict(TrainConfig, {**data, "model": {"loss": {"recipe": "mine"}}})
+    with pytest.raises(ConfigError, match="model.loss.ties: expected one of"):
+        from_dict(TrainConfig, {**data, "model": {"loss": {"ties": "sometimes"}}})
+    with pytest.raises(ConfigError, match="model.loss: loss.phi_scale must be > 0"):
+        from_dict(TrainConfig, {**data, "model": {"loss": {"phi_scale": -1.0}}})
+    with pytest.raises(ConfigError, match="unknown key model.loss"):  # LIQE's losses, not PMT-IQA's
+        from_dict(TrainConfig, {**data, "model": {"family": "pmt_iqa", "loss": {"recipe": "paper"}}})
     with pytest.raises(ConfigError, match="epochs must be >= 0"):
         from_dict(TrainConfig, {**data, "epochs": -1})

@@ -5,7 +5,7 @@ from PIL import Image
 from conftest import photo
 from torchvision import transforms
 
-from liqe_dist.crops import (CLIP_MEAN, CLIP_STD, CropConfig, ImageTooSmallError, eval_crops,
+from liqe_dist.data.crops import (CLIP_MEAN, CLIP_STD, CropConfig, ImageTooSmallError, eval_crops,
                              eval_indices, fit_size, grid_positions, normalise, train_crops)
 
 

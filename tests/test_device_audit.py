@@ -24,14 +24,14 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 from shard_fixtures import pack_csv, write_csv_dataset
-from liqe_dist.crops import CropConfig
-from liqe_dist.distributed import use_global_batchnorm
-from liqe_dist.evaluation import batch_statistics
+from liqe_dist.data.crops import CropConfig
+from liqe_dist.dist.batchnorm import use_global_batchnorm
+from liqe_dist.eval.shard_eval import batch_statistics
 from liqe_dist.hardware import move_batch
-from liqe_dist.losses import weighted_total
-from liqe_dist.model import LIQE, build_clip
-from liqe_dist.objective import step_losses
-from liqe_dist.trainer import step_record
+from liqe_dist.train.weighting import weighted_total
+from liqe_dist.models.liqe.model import LIQE, build_clip
+from liqe_dist.models.liqe.objective import step_losses
+from liqe_dist.train.loop import step_record
 
 CUDA = torch.device("cuda", 0)
 
@@ -165,11 +165,11 @@ def test_evaluation_batches_stay_on_the_device(tmp_path):
 
 def test_scoring_batches_stay_on_the_device(monkeypatch):
     """Scorer.predict on a bf16 CUDA model: uint8 crops in, one [B, 5] device tensor out."""
-    from liqe_dist.scoring import Scorer
+    from liqe_dist.eval.scoring import Scorer
 
-    import liqe_dist.scoring
+    import liqe_dist.eval.scoring
 
-    monkeypatch.setattr(liqe_dist.scoring, "resolve_device", torch.device)  # the fake device is the GPU here
+    monkeypatch.setattr(liqe_dist.eval.scoring, "resolve_device", torch.device)  # the fake device is the GPU here
     torch.manual_seed(0)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     model = to_fake_cuda(LIQE(build_clip("liqe-tiny")), mode, torch.bfloat16)

@@ -10,10 +10,11 @@ import torch
 import torch.multiprocessing as mp
 
 from dist_workers import WEIGHTS, build_liqe, invariance_rank, make_problem
-from liqe_dist.distributed import free_local_port as free_port
-from liqe_dist.engine import OptimConfig, build_optimizer
-from liqe_dist.losses import LossConfig, weighted_total
-from liqe_dist.objective import step_losses
+from liqe_dist.dist.local_group import free_local_port as free_port
+from liqe_dist.dist.engine import OptimConfig, build_optimizer
+from liqe_dist.models.liqe.losses import LossConfig
+from liqe_dist.train.weighting import weighted_total
+from liqe_dist.models.liqe.objective import step_losses
 
 # eps = 1 makes Adam's first update ~ lr * g (not lr * sign(g)), so updates test gradient values;
 # a large lr keeps updates far above the float32 rounding of the weights they are read from.

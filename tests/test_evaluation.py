@@ -3,15 +3,17 @@ import math
 
 import pytest
 import torch
+
+from liqe_dist.models.base import Prediction
 from scipy.stats import spearmanr
 
 from shard_fixtures import pack_csv, write_csv_dataset
-from liqe_dist.crops import CropConfig, eval_crops
+from liqe_dist.data.crops import CropConfig, eval_crops
 from liqe_dist.data.records import make_key
-from liqe_dist.images import decode_image
-from liqe_dist.evaluation import DatasetEval, _update, evaluate_shards, output_statistics
-from liqe_dist.model import predictions_from_logits
-from liqe_dist.vocabulary import Vocabulary
+from liqe_dist.data.images import decode_image
+from liqe_dist.eval.shard_eval import DatasetEval, _update, evaluate_shards, output_statistics
+from liqe_dist.models.liqe.model import predictions_from_logits
+from liqe_dist.models.liqe.vocabulary import Vocabulary
 
 
 def test_task_accuracies_by_hand():
@@ -21,6 +23,7 @@ def test_task_accuracies_by_hand():
     logits[0, v.index(0, 2, 3)] = -1.0
     logits[1, v.index(4, 8, 0)] = 0.0   # image 1: scene 8 (others), distortion 0
     out = predictions_from_logits(logits, v)
+    out = Prediction(out.score, {"scene": out.scene, "distortion": out.distortion})
     scenes = torch.zeros(2, 9)
     scenes[0, [2, 5]] = 1   # labels human + night: top-2 is {cityscape, human}: 1 hit of 2
     scenes[1, 8] = 1        # others: 1 hit of 1
@@ -55,11 +58,11 @@ def test_evaluate_shards_scores_the_whole_test_part(tmp_path, tiny_liqe):
 def test_eval_command_scores_a_config_or_a_checkpoint(tmp_path, capsys):
     """``liqe-dist eval``: the model a training config builds (here the zero-shot Table 4 row,
     shrunk to the tiny model), and a saved checkpoint, give the same numbers as evaluate_shards."""
-    from liqe_dist.checkpoint import save_weights
+    from liqe_dist.models.weights import save_weights
     from liqe_dist.cli import main
     from liqe_dist.config import load_yaml
-    from liqe_dist.model import build_model
-    from liqe_dist.train_config import TrainConfig
+    from liqe_dist.models.registry import build_model
+    from liqe_dist.train.config import TrainConfig
 
     shard_dir = pack_csv(write_csv_dataset(tmp_path / "raw", n_refs=10, per_ref=2), tmp_path / "shards")
     config = "launch/configs/ablations/t4_1_pretrained_clip_c2.yaml"
@@ -80,7 +83,7 @@ def test_eval_command_scores_a_config_or_a_checkpoint(tmp_path, capsys):
     assert float(rows[0]["srcc"]) == pytest.approx(expected.quality.srcc, abs=1e-9)
     assert "toy" in capsys.readouterr().out
     # a checkpoint, with the shard set named on the command line
-    save_weights(model, tmp_path / "m.safetensors", "liqe-tiny")
+    save_weights(model, tmp_path / "m.safetensors")
     assert main(["eval", str(shard_dir), "--checkpoint", str(tmp_path / "m.safetensors"), "--no-progress",
                  "--out", str(tmp_path / "out2")]) == 0
     rows2 = list(csv.DictReader(open(tmp_path / "out2" / "metrics.csv")))

@@ -7,8 +7,9 @@ import torch
 import torch.multiprocessing as mp
 
 from dist_workers import bn_problem, global_bn_rank
-from liqe_dist.distributed import free_local_port, use_global_batchnorm
-from liqe_dist.model import build_clip
+from liqe_dist.dist.local_group import free_local_port
+from liqe_dist.dist.batchnorm import use_global_batchnorm
+from liqe_dist.models.liqe.model import build_clip
 
 pytestmark = pytest.mark.slow  # real processes: seconds to a minute each
 

@@ -64,7 +64,7 @@ def test_score_on_cuda_without_a_gpu_is_one_clear_line(tmp_path, caplog):
 
 
 def test_gpu_runs_get_loader_processes_by_default(tmp_path):
-    from liqe_dist.train_config import GPU_CPUS_PER_WORKER, DatasetSpec, TrainConfig
+    from liqe_dist.train.config import GPU_CPUS_PER_WORKER, DatasetSpec, TrainConfig
 
     ds = [DatasetSpec("a", str(tmp_path))]
     cpu, gpu = TrainConfig(datasets=ds), TrainConfig(datasets=ds, use_gpu=True)

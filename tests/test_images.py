@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from liqe_dist.crops import CropConfig, ImageShapeError, eval_crops
-from liqe_dist.images import ImageDecodeError, decode_image, to_rgb
+from liqe_dist.data.crops import CropConfig, ImageShapeError, eval_crops
+from liqe_dist.data.images import ImageDecodeError, decode_image, to_rgb
 
 
 def saved(img: Image.Image, fmt: str) -> bytes:
@@ -50,7 +50,7 @@ def test_float_images_are_read_as_0_to_1_and_alpha_composites_on_white():
 
 
 def test_scoring_and_stream_see_the_same_pixels_as_the_8_bit_image(tmp_path, tiny_liqe):
-    from liqe_dist.scoring import Scorer
+    from liqe_dist.eval.scoring import Scorer
     from shard_fixtures import pack_csv
 
     a16 = gradient16()

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from liqe_dist.losses import (LossConfig, binary_fidelity, distortion_loss, quality_loss, scene_loss,
-                              weighted_total)
+from liqe_dist.models.liqe.losses import LossConfig, binary_fidelity, distortion_loss, quality_loss, scene_loss
+from liqe_dist.train.weighting import weighted_total
 
 
 def phi(z: float) -> float:

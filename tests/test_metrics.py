@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from liqe_dist.metrics import by_dataset, correlation, logistic4, summarize_splits
+from liqe_dist.eval.metrics import by_dataset, correlation, logistic4, summarize_splits
 
 
 def test_monotone_nonlinear_is_perfect():

@@ -14,7 +14,7 @@ import pytest
 
 from liqe_dist.data.mixing import kadid_like_records, same_reference_rate
 from liqe_dist.data.packing import PackConfig, pack_records
-from liqe_dist.data.stream import TrainBatches, TrainSource
+from liqe_dist.data.stream import TrainBatches, DatasetSpec
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_record_order_is_seeded_and_recorded(tmp_path):
         pack_records(records, out, "kadid", {}, PackConfig(order_seed=seed, workers=1), progress=False)
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["pack"]["order"] == "shuffled" and manifest["pack"]["order_seed"] == seed
-        stream = TrainBatches([TrainSource(str(out), 4)], shuffle_buffer=1)
+        stream = TrainBatches([DatasetSpec("d", str(out), 4)], shuffle_buffer=1)
         keys.append([raw.key for raw, _ in stream.epoch_order(0, 0, 0, 1)])
     assert keys[0] == keys[1] != keys[2]
     assert keys[0] != sorted(keys[0])
@@ -60,7 +60,7 @@ def test_stream_warns_about_sets_packed_in_source_order(tmp_path, caplog):
     pack_records(records, tmp_path / "src", "kadid", {}, PackConfig(order="source", workers=1), progress=False)
     pack_records(records, tmp_path / "mix", "kadid", {}, PackConfig(workers=1), progress=False)
     with caplog.at_level("WARNING"):
-        TrainBatches([TrainSource(str(tmp_path / "mix"), 4)])
+        TrainBatches([DatasetSpec("d", str(tmp_path / "mix"), 4)])
         assert "source order" not in caplog.text
-        TrainBatches([TrainSource(str(tmp_path / "src"), 4)])
+        TrainBatches([DatasetSpec("d", str(tmp_path / "src"), 4)])
         assert "packed in source order" in caplog.text

@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from liqe_dist.model import LIQE, ModelConfig, build_model, predictions_from_logits
-from liqe_dist.vocabulary import Vocabulary
+from liqe_dist.models.liqe.config import LIQEConfig
+from liqe_dist.models.liqe.model import LIQE, predictions_from_logits
+from liqe_dist.models.registry import build_model
+from liqe_dist.models.liqe.vocabulary import Vocabulary
 
 
 def crops(b=2, u=3, seed=0):
@@ -97,8 +99,8 @@ def test_separate_templates_with_a_task_off(tiny_clip):
 
 def test_linear_head_ablation(tiny_clip_state):
     with pytest.raises(ValueError, match="model.tasks"):
-        ModelConfig(name="liqe-tiny", head="linear")
-    model = build_model(ModelConfig(name="liqe-tiny", head="linear", tasks=("quality",)))
+        LIQEConfig(name="liqe-tiny", head="linear")
+    model = build_model(LIQEConfig(name="liqe-tiny", head="linear", tasks=("quality",)))
     model.clip.load_state_dict(tiny_clip_state)
     x = crops(2)
     with torch.no_grad():
@@ -161,8 +163,8 @@ def test_bf16_model_close_to_fp32():
 
     x = crops(8, 3)
     torch.manual_seed(0)
-    fp32 = trained_like(build_model(ModelConfig(name="liqe-tiny")).eval(), x)
-    bf16 = build_model(ModelConfig(name="liqe-tiny", precision="bf16")).eval()
+    fp32 = trained_like(build_model(LIQEConfig(name="liqe-tiny")).eval(), x)
+    bf16 = build_model(LIQEConfig(name="liqe-tiny", precision="bf16")).eval()
     bf16.clip.load_state_dict(fp32.clip.state_dict())
     assert bf16.clip.visual.conv1.weight.dtype == torch.bfloat16
     with torch.no_grad():
@@ -178,13 +180,13 @@ def test_bf16_model_close_to_fp32():
 
 def test_model_config_rejects_bad_values():
     with pytest.raises(ValueError, match="precision"):
-        ModelConfig(precision="fp16")
+        LIQEConfig(precision="fp16")
     with pytest.raises(ValueError, match="tasks"):
-        ModelConfig(tasks=("quality", "aesthetics"))
+        LIQEConfig(tasks=("quality", "aesthetics"))
     with pytest.raises(ValueError, match="model.name: unknown model 'ViT-Q-99'"):
-        ModelConfig(name="ViT-Q-99")
+        LIQEConfig(name="ViT-Q-99")
     with pytest.raises(ValueError, match="model.checkpoint: no such file"):
-        ModelConfig(name="liqe-tiny", checkpoint="/nonexistent/w.safetensors")
+        LIQEConfig(name="liqe-tiny", checkpoint="/nonexistent/w.safetensors")
 
 
 def _deepspeed_bf16(model: LIQE) -> LIQE:
@@ -228,7 +230,7 @@ def test_logit_scale_stays_float32_when_the_model_is_cast(tiny_clip):
 
 
 def test_cosines_and_the_linear_head_are_float32_in_bf16(tiny_clip_state):
-    from liqe_dist.model import build_clip
+    from liqe_dist.models.liqe.model import build_clip
 
     clip = build_clip("liqe-tiny")
     clip.load_state_dict(tiny_clip_state)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from liqe_dist.config import ConfigError, from_dict
-from liqe_dist.model import ModelConfig, resolve_quick_gelu
+from liqe_dist.models.liqe.config import LIQEConfig
+from liqe_dist.models.liqe.model import resolve_quick_gelu
 
 
 @pytest.mark.parametrize("name,tag,expected", [
@@ -35,7 +36,7 @@ def test_forcing_plain_gelu_on_openai_weights_is_an_error():
     with pytest.raises(ValueError, match="use QuickGELU"):
         resolve_quick_gelu("ViT-B-32", "openai", False)
     with pytest.raises(ConfigError, match="model: model.quick_gelu is false"):
-        from_dict(ModelConfig, {"name": "ViT-B-32", "pretrained": "openai", "quick_gelu": False}, prefix="model")
+        from_dict(LIQEConfig, {"name": "ViT-B-32", "pretrained": "openai", "quick_gelu": False}, prefix="model")
 
 
 @pytest.mark.slow
@@ -58,8 +59,9 @@ def test_model_built_for_openai_weights_runs_quick_gelu(tmp_path):
     script = textwrap.dedent(f"""
         import torch, open_clip
         from torch import nn
-        from liqe_dist.model import ModelConfig, build_model
-        model = build_model(ModelConfig(name="ViT-B-32", pretrained="openai"))
+        from liqe_dist.models.liqe.config import LIQEConfig
+        from liqe_dist.models.registry import build_model
+        model = build_model(LIQEConfig(name="ViT-B-32", pretrained="openai"))
         acts = [type(m).__name__ for m in model.modules() if isinstance(m, (nn.GELU, open_clip.transformer.QuickGELU))]
         assert acts and set(acts) == {{"QuickGELU"}}, set(acts)
         assert torch.equal(model.clip.visual.proj[0, :4], torch.tensor({marker.tolist()})), "weights not loaded"

@@ -14,13 +14,13 @@ import psutil
 import pytest
 import yaml
 
-from liqe_dist.distributed import free_local_port as free_port
+from liqe_dist.dist.local_group import free_local_port as free_port
 from shard_fixtures import pack_csv, write_csv_dataset
 from liqe_dist.config import to_dict
-from liqe_dist.crops import CropConfig
-from liqe_dist.engine import OptimConfig
-from liqe_dist.model import ModelConfig
-from liqe_dist.train_config import DatasetSpec, TrainConfig
+from liqe_dist.data.crops import CropConfig
+from liqe_dist.dist.engine import OptimConfig
+from liqe_dist.models.liqe.config import LIQEConfig
+from liqe_dist.train.config import DatasetSpec, TrainConfig
 
 pytestmark = pytest.mark.slow  # real processes: seconds to a minute each
 
@@ -39,7 +39,7 @@ def listening() -> set[tuple[str, int]]:
 
 def test_local_cluster_listens_on_loopback_only():
     import ray
-    from liqe_dist.ray_launch import start_local_cluster
+    from liqe_dist.run.ray_train import start_local_cluster
 
     before = listening()
     start_local_cluster(2)
@@ -74,7 +74,7 @@ def test_training_on_two_nodes_places_one_rank_per_node(tmp_path, two_node_clust
     address, env = two_node_cluster
     shards = pack_csv(write_csv_dataset(tmp_path / "a", n_refs=10, per_ref=2, size=(224, 232)), tmp_path / "shards",
                       "a", shard_max_count=5)
-    cfg = TrainConfig(datasets=[DatasetSpec("a", str(shards), 2)], model=ModelConfig(name="liqe-tiny"),
+    cfg = TrainConfig(datasets=[DatasetSpec("a", str(shards), 2)], model=LIQEConfig(name="liqe-tiny"),
                       optim=OptimConfig(lr=1e-4, zero_stage=1), crops=CropConfig(train_crops=1, eval_crops=2),
                       epochs=1, steps_per_epoch=3, checkpoint_every=3, workers=2, placement="STRICT_SPREAD",
                       eval_parts=("test",), out_dir=str(tmp_path / "runs"), name="two-nodes", shuffle_buffer=4)

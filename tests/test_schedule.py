@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from liqe_dist.engine import OptimConfig, build_optimizer, cosine_cycles_factor
+from liqe_dist.dist.engine import OptimConfig, build_optimizer, cosine_cycles_factor
 
 
 def reference_epoch_lrs(lr: float, epochs: int, t_max: int = 5) -> list[float]:
@@ -64,14 +64,17 @@ def test_cosine_is_one_annealing_over_the_run_and_min_lr_holds():
 
 def test_cycles_need_the_epoch_length_and_recipes_pick_the_schedule():
     from liqe_dist.config import ConfigError, from_dict
-    from liqe_dist.train_config import TrainConfig
+    from liqe_dist.train.config import TrainConfig
 
     with pytest.raises(ValueError, match="steps per epoch"):
         build_optimizer(torch.nn.Linear(2, 1), OptimConfig(schedule="cosine_cycles"), total_steps=10)
     data = {"datasets": [{"name": "a", "shards": "shards/a"}]}
     assert from_dict(TrainConfig, data).optim.schedule == "cosine"
-    assert from_dict(TrainConfig, {**data, "loss": {"recipe": "reference"}}).optim.schedule == "cosine_cycles"
-    both = {**data, "loss": {"recipe": "reference"}, "optim": {"schedule": "cosine"}}
+    reference = {**data, "model": {"loss": {"recipe": "reference"}}}
+    assert from_dict(TrainConfig, reference).optim.schedule == "cosine_cycles"
+    pmt = {**data, "model": {"family": "pmt_iqa"}, "crops": {"size": 224}}
+    assert from_dict(TrainConfig, pmt).optim.schedule == "step"  # PMT-IQA's: lr / 10 every 6 epochs
+    both = {**reference, "optim": {"schedule": "cosine"}}
     assert from_dict(TrainConfig, both).optim.schedule == "cosine"  # a knob set explicitly wins
     with pytest.raises(ConfigError, match="optim.schedule: expected one of"):
         from_dict(TrainConfig, {**data, "optim": {"schedule": "linear"}})

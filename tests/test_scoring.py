@@ -8,9 +8,9 @@ import pytest
 from conftest import photo
 from liqe_dist import load
 from liqe_dist.cli import main
-from liqe_dist.crops import CropConfig, eval_crops
-from liqe_dist.images import ImageDecodeError, decode_image
-from liqe_dist.scoring import ImageScore, ScoreFailure, Scorer, expand_sources
+from liqe_dist.data.crops import CropConfig, eval_crops
+from liqe_dist.data.images import ImageDecodeError, decode_image
+from liqe_dist.eval.scoring import ImageScore, ScoreFailure, Scorer, expand_sources
 
 def direct(model, img, crops=CropConfig()):
     """The model's output for one image, computed without the scorer (crops -> forward)."""
@@ -53,8 +53,9 @@ def test_score_iter_reports_failures_in_order(image_folder, tiny_liqe):
     for s in scores:  # each score is the model's own q_hat for that image
         out = direct(tiny_liqe, decode_image(s.source))
         assert s.quality == pytest.approx(out.score.item(), abs=1e-5)
-        assert s.scene == tiny_liqe.vocabulary.scenes[out.scene.argmax()]
-        assert s.scene_prob == pytest.approx(out.scene.max().item(), abs=1e-6)
+        scene, scene_prob = s.heads["scene"]
+        assert scene == tiny_liqe.vocabulary.scenes[out.scene.argmax()]
+        assert scene_prob == pytest.approx(out.scene.max().item(), abs=1e-6)
 
 
 def test_batching_does_not_change_scores(image_folder, tiny_liqe):
@@ -63,7 +64,7 @@ def test_batching_does_not_change_scores(image_folder, tiny_liqe):
     three = Scorer(tiny_liqe, batch_images=3).score(sources)
     for a, b in zip(one, three):
         assert a.quality == pytest.approx(b.quality, abs=1e-5)
-        assert a.scene == b.scene and a.distortion == b.distortion
+        assert [x[0] for x in a.heads.values()] == [x[0] for x in b.heads.values()]
 
 
 def test_api_scores_pil_images_and_raises_on_bad_input(image_folder):
@@ -71,7 +72,7 @@ def test_api_scores_pil_images_and_raises_on_bad_input(image_folder):
     [s] = scorer.score(photo(300, 240))
     out = direct(scorer.model, photo(300, 240))
     assert s.quality == pytest.approx(out.score.item(), abs=1e-5)
-    assert s.distortion == scorer.model.vocabulary.distortions[out.distortion.argmax()]
+    assert s.heads["distortion"][0] == scorer.model.vocabulary.distortions[out.distortion.argmax()]
     with pytest.raises(ImageDecodeError, match="e_garbage.png"):
         scorer.score([image_folder / "a_good.png", str(image_folder / "e_garbage.png")])
 

@@ -7,10 +7,10 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from shard_fixtures import pack_csv, write_csv_dataset
-from liqe_dist.crops import CropConfig
+from liqe_dist.data.crops import CropConfig
 from liqe_dist.data.packing import read_manifest
-from liqe_dist.data.stream import EvalSamples, TrainBatches, TrainSource, collate_eval, iter_shard
-from liqe_dist.vocabulary import DISTORTIONS, SCENES
+from liqe_dist.data.stream import EvalSamples, TrainBatches, DatasetSpec, collate_eval, iter_shard
+from liqe_dist.data.labels import DISTORTIONS, SCENES
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_eval_exactly_once(packed, world, workers, which):
 
 def test_train_batches_compose_datasets(packed):
     many, one = packed
-    ds = TrainBatches([TrainSource(str(many), 3), TrainSource(str(one), 2)], split=0, seed=1,
+    ds = TrainBatches([DatasetSpec("d", str(many), 3), DatasetSpec("d", str(one), 2)], split=0, seed=1,
                       crops=CropConfig(train_crops=3), shuffle_buffer=4)
     train_many, train_one = set(part_keys(many, 0, "train")), set(part_keys(one, 0, "train"))
     labels = {}
@@ -81,7 +81,7 @@ def test_shard_assignment_changes_with_epoch(packed):
     many, _ = packed
     firsts = set()
     for epoch in range(6):
-        ds = TrainBatches([TrainSource(str(many), 1)], split=0, seed=5, rank=0, world=2, start_epoch=epoch,
+        ds = TrainBatches([DatasetSpec("d", str(many), 1)], split=0, seed=5, rank=0, world=2, start_epoch=epoch,
                           shuffle_buffer=1, crops=CropConfig(train_crops=1))
         firsts.add(next(iter(ds))["keys"][0].split("_")[1])  # the reference of the first sample
     assert len(firsts) > 1

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from liqe_dist.data.synthetic import DISTORTIONS, LEVELS, REFERENCES, distort, pseudo_mos, reference_image
-from liqe_dist.vocabulary import DISTORTIONS as COARSE, SCENES
+from liqe_dist.data.labels import DISTORTIONS as COARSE, SCENES
 
 
 def test_every_coarse_class_is_synthesised():

@@ -2,9 +2,9 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from liqe_dist.model import LIQE, build_clip
-from liqe_dist.text_encoder import context_length_needed, cut_tokens, encode_tokens
-from liqe_dist.vocabulary import Vocabulary
+from liqe_dist.models.liqe.model import LIQE, build_clip
+from liqe_dist.models.liqe.text_encoder import context_length_needed, cut_tokens, encode_tokens
+from liqe_dist.models.liqe.vocabulary import Vocabulary
 
 
 def test_cut_context_is_the_longest_prompt():

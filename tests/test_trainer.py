@@ -11,15 +11,15 @@ import torch.multiprocessing as mp
 from scipy.stats import spearmanr
 
 from dist_workers import train_rank
-from liqe_dist.distributed import free_local_port as free_port
+from liqe_dist.dist.local_group import free_local_port as free_port
 from shard_fixtures import pack_csv, write_csv_dataset
-from liqe_dist.checkpoint import load_weights
+from liqe_dist.models.weights import load_weights
 from liqe_dist.config import to_dict
-from liqe_dist.crops import CropConfig
-from liqe_dist.engine import OptimConfig
-from liqe_dist.model import ModelConfig
-from liqe_dist.train_config import DatasetSpec, TrainConfig
-from liqe_dist.weighting import WeightingConfig
+from liqe_dist.data.crops import CropConfig
+from liqe_dist.dist.engine import OptimConfig
+from liqe_dist.models.liqe.config import LIQEConfig
+from liqe_dist.train.config import DatasetSpec, TrainConfig
+from liqe_dist.train.weighting import WeightingConfig
 
 pytestmark = pytest.mark.slow  # real processes: seconds to a minute each
 
@@ -36,7 +36,7 @@ def shards(tmp_path_factory):
 
 def config(base, a, b, **kw) -> TrainConfig:
     args = dict(datasets=[DatasetSpec("a", str(a), 2), DatasetSpec("b", str(b), 1)],
-                model=ModelConfig(name="liqe-tiny"), optim=OptimConfig(lr=1e-4, zero_stage=1),
+                model=LIQEConfig(name="liqe-tiny"), optim=OptimConfig(lr=1e-4, zero_stage=1),
                 weighting=WeightingConfig(period_steps=2), crops=CropConfig(train_crops=1, eval_crops=2),
                 epochs=3, steps_per_epoch=4, checkpoint_every=4, keep_checkpoints=2, workers=2,
                 eval_batch=8, out_dir=str(base / "runs"), name="two", shuffle_buffer=4)
@@ -93,10 +93,10 @@ def test_two_ranks_train_evaluate_checkpoint_and_resume(shards):
 
 
 MODEL_VARIANTS = {
-    "vit": ModelConfig(name="liqe-tiny"),
-    "resnet-batchnorm": ModelConfig(name="liqe-tiny-rn"),
-    "separate-templates": ModelConfig(name="liqe-tiny", separate_templates=True),
-    "linear-head": ModelConfig(name="liqe-tiny", head="linear", tasks=("quality",)),
+    "vit": LIQEConfig(name="liqe-tiny"),
+    "resnet-batchnorm": LIQEConfig(name="liqe-tiny-rn"),
+    "separate-templates": LIQEConfig(name="liqe-tiny", separate_templates=True),
+    "linear-head": LIQEConfig(name="liqe-tiny", head="linear", tasks=("quality",)),
 }
 
 
@@ -105,7 +105,7 @@ def test_saved_weights_score_as_the_run_evaluated(shards, variant):
     """A 2-rank run of each model variant (including ablations 4 and 6) trains, and its final
     weights, scored in one process, give the per-image test scores the run logged: distributed
     evaluation is exact and every rank evaluates the model rank 0 saves."""
-    from liqe_dist.evaluation import evaluate_shards
+    from liqe_dist.eval.shard_eval import evaluate_shards
 
     base, a, b = shards
     cfg = config(base, a, b, name=f"saved-{variant}", model=MODEL_VARIANTS[variant], epochs=1, steps_per_epoch=3,
@@ -123,7 +123,7 @@ def test_saved_weights_score_as_the_run_evaluated(shards, variant):
 
 
 def test_ray_train_two_workers(shards, monkeypatch):
-    from liqe_dist.ray_launch import run_training
+    from liqe_dist.run.ray_train import run_training
     import ray
 
     base, a, b = shards
@@ -150,7 +150,7 @@ def test_killed_worker_resumes_from_checkpoint(shards):
     import time
 
     import ray
-    from liqe_dist.ray_launch import run_training
+    from liqe_dist.run.ray_train import run_training
 
     base, a, b = shards
     cfg = config(base, a, b, name="kill", epochs=4, steps_per_epoch=4, checkpoint_every=4, max_failures=1,
@@ -189,7 +189,7 @@ def test_killed_worker_resumes_from_checkpoint(shards):
 
 
 def test_missing_shards_fail_before_ray_starts(tmp_path):
-    from liqe_dist.ray_launch import run_training
+    from liqe_dist.run.ray_train import run_training
     import ray
 
     cfg = config(tmp_path, tmp_path / "nope", tmp_path / "nope2")
@@ -204,7 +204,7 @@ def test_bf16_run_trains_checkpoints_and_resumes(shards):
     from safetensors.torch import load_file
 
     base, a, b = shards
-    cfg = config(base, a, b, name="bf16", model=ModelConfig(name="liqe-tiny-rn"), epochs=2, steps_per_epoch=2,
+    cfg = config(base, a, b, name="bf16", model=LIQEConfig(name="liqe-tiny-rn"), epochs=2, steps_per_epoch=2,
                  checkpoint_every=2, optim=OptimConfig(lr=1e-3, zero_stage=1, precision="bf16"), eval_parts=("test",))
     mp.spawn(train_rank, args=(2, free_port(), to_dict(cfg)), nprocs=2, join=True)
     run = base / "runs" / "bf16"

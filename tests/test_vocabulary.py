@@ -2,8 +2,9 @@ import itertools
 
 import pytest
 
-from liqe_dist.vocabulary import (DISTORTIONS, FINE_TO_COARSE, QUALITIES, SCENES, Vocabulary,
-                                  coarse_distortion)
+from liqe_dist.data.labels import DISTORTIONS, FINE_TO_COARSE, SCENES, coarse_distortion
+
+from liqe_dist.models.liqe.vocabulary import QUALITIES, Vocabulary
 
 
 def test_495_prompts_in_reference_order():

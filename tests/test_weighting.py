@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from liqe_dist.weighting import (DWAWeighting, EqualWeighting, ProgressiveWeighting, WeightingConfig,
+from liqe_dist.train.weighting import (DWAWeighting, EqualWeighting, ProgressiveWeighting, WeightingConfig,
                                  build_weighting)
 
 TASKS = ("quality", "scene", "distortion")

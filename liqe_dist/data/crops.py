@@ -30,6 +30,8 @@ from torchvision.transforms import functional as TF
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet models (PMT-IQA's backbone)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP = 224
 RESIZE_SHORT_SIDE = 768
 
@@ -101,13 +103,15 @@ def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     return TF.pil_to_tensor(img)
 
 
-def normalise(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 crops ``[..., 3, H, W]`` -> CLIP-normalised ``dtype`` (computed in float32, on
-    ``pixels``' device): ``(x / 255 - mean) / std``, torchvision's ``to_tensor`` + ``normalize``."""
+def normalise(pixels: torch.Tensor, dtype: torch.dtype = torch.float32,
+              mean: tuple[float, float, float] = CLIP_MEAN, std: tuple[float, float, float] = CLIP_STD) -> torch.Tensor:
+    """uint8 crops ``[..., 3, H, W]`` -> normalised ``dtype`` (computed in float32, on
+    ``pixels``' device): ``(x / 255 - mean) / std``, torchvision's ``to_tensor`` + ``normalize``.
+    ``mean``/``std``: the model's (CLIP's by default)."""
     if pixels.dtype != torch.uint8:
         raise TypeError(f"normalise expects uint8 crops, got {pixels.dtype}")
-    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=pixels.device).view(3, 1, 1)
+    mean = torch.tensor(mean, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(std, device=pixels.device).view(3, 1, 1)
     return ((pixels.float() / 255.0 - mean) / std).to(dtype)
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .records import Record
-from .stream import TrainBatches, TrainSource
+from liqe_dist.data.records import Record
+from liqe_dist.data.stream import TrainBatches, DatasetSpec
 
 
 def kadid_like_records(refs: int = 81, types: int = 25, levels: int = 5) -> list[Record]:
@@ -34,7 +34,7 @@ def same_reference_rate(shard_dir: str | Path, batch_size: int, shuffle_buffer: 
                         epochs: int = 2, split: int = 0) -> tuple[float, float]:
     """(rate in the training stream's batches of ``batch_size`` per rank, rate of a uniform
     shuffle of the same training part), over ``epochs`` epochs of every rank."""
-    stream = TrainBatches([TrainSource(str(shard_dir), batch_size)], split=split, shuffle_buffer=shuffle_buffer,
+    stream = TrainBatches([DatasetSpec("d", str(shard_dir), batch_size)], split=split, shuffle_buffer=shuffle_buffer,
                           world=world)
     same = pairs = 0
     per_ref: Counter = Counter()

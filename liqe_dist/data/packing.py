@@ -39,12 +39,13 @@ from typing import Literal
 import webdataset as wds
 from tqdm import tqdm
 
-from ..images import MAX_PIXELS
-from ..vocabulary import VOCABULARY_VERSION
-from .parallel import ordered_map
-from .records import Record, labels_to_json
-from .splits import assign_splits, split_summary
-from .validate import validate_record
+from liqe_dist.data.images import MAX_PIXELS
+from liqe_dist.files import atomic_path, partial_path
+from liqe_dist.data.labels import VOCABULARY_VERSION
+from liqe_dist.data.parallel import ordered_map
+from liqe_dist.data.records import Record, labels_to_json
+from liqe_dist.data.splits import assign_splits, split_summary
+from liqe_dist.data.validate import validate_record
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ class _ShardSink:
         if self._writer is None:
             name = f"{self.dataset}-{len(self.shards):06d}.tar"
             self._path = self.out_dir / name
-            self._partial = self.out_dir / (name + ".partial")
+            self._partial = partial_path(self._path)
             self._file = open(self._partial, "wb")
             self._writer = wds.TarWriter(self._file, encoder=False, mtime=0)
             self._count = self._bytes = 0
@@ -318,9 +319,8 @@ def _write_set(records: list[Record], out_dir: Path, dataset: str, source: dict,
         "labels": label_counts, "mos_range": [min(mos_values), max(mos_values)],
         "splits": split_info, "shards": shards, "seconds": round(time.perf_counter() - started, 1),
     }
-    tmp = out_dir / (MANIFEST + ".partial")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(out_dir / MANIFEST)
+    with atomic_path(out_dir / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
     return PackResult(out_dir, len(written), len(rejects), len(shards), sum(s["bytes"] for s in shards), False)
 
 

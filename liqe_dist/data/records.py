@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..vocabulary import SCENES, coarse_distortion
+from liqe_dist.data.labels import SCENES, coarse_distortion
 
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 

@@ -11,7 +11,7 @@ from collections import Counter
 
 import numpy as np
 
-from .records import Record
+from liqe_dist.data.records import Record
 
 PARTS = {"t": "train", "v": "val", "e": "test"}
 

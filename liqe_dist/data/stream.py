@@ -29,11 +29,11 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from ..crops import CropConfig, ImageShapeError, eval_crops, train_crops
-from ..images import ImageDecodeError, decode_image
-from ..vocabulary import DISTORTIONS, SCENES
-from .packing import read_manifest
-from .splits import in_part
+from liqe_dist.data.crops import CropConfig, ImageShapeError, eval_crops, train_crops
+from liqe_dist.data.images import ImageDecodeError, decode_image
+from liqe_dist.data.labels import DISTORTIONS, SCENES
+from liqe_dist.data.packing import read_manifest
+from liqe_dist.data.splits import in_part
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +124,15 @@ class _Decoder:
         return n
 
 
-def collate(samples: list[CropSample], dataset_ids: list[int], skipped: int = 0) -> dict:
+def collate(samples: list[CropSample], dataset_ids: list[int], skipped: int = 0,
+            mos_ranges: list[tuple[float, float]] | None = None) -> dict:
     """Stack samples into a batch with label tensors and masks.
 
-    ``images`` [N, U, 3, 224, 224]; ``dataset`` [N] long; ``mos`` [N] float (NaN where missing) and
-    ``has_mos``; ``scenes`` [N, 9] multi-hot and ``has_scenes``; ``distortion`` [N] long (-1 where
-    missing) and ``has_distortion``; ``keys``; ``skipped``: bad samples met since the last batch.
+    ``images`` [N, U, 3, 224, 224] uint8; ``dataset`` [N] long; ``mos`` [N] float (NaN where
+    missing) and ``has_mos``; ``scenes`` [N, 9] multi-hot and ``has_scenes``; ``distortion`` [N]
+    long (-1 where missing) and ``has_distortion``; ``keys``; ``skipped``: bad samples met since
+    the last batch. With ``mos_ranges`` (each dataset id's (min, max) MOS) also ``mos_unit``
+    [N]: the MOS scaled to [0, 1] by its dataset's range (:func:`unit_mos`).
     """
     n = len(samples)
     scenes = torch.zeros(n, len(SCENES))
@@ -138,7 +141,7 @@ def collate(samples: list[CropSample], dataset_ids: list[int], skipped: int = 0)
             scenes[i, SCENES.index(name)] = 1.0
     mos = torch.tensor([float("nan") if s.mos is None else float(s.mos) for s in samples])
     dist = torch.tensor([-1 if s.distortion is None else DISTORTIONS.index(s.distortion) for s in samples])
-    return {
+    batch = {
         "images": torch.stack([s.pixels for s in samples]),
         "dataset": torch.tensor(dataset_ids, dtype=torch.long),
         "mos": mos, "has_mos": ~torch.isnan(mos),
@@ -147,6 +150,18 @@ def collate(samples: list[CropSample], dataset_ids: list[int], skipped: int = 0)
         "keys": [s.key for s in samples],
         "skipped": skipped,
     }
+    if mos_ranges is not None:
+        batch["mos_unit"] = unit_mos(mos, batch["dataset"], mos_ranges)
+    return batch
+
+
+def unit_mos(mos: torch.Tensor, dataset: torch.Tensor, ranges: list[tuple[float, float]]) -> torch.Tensor:
+    """``(mos - lo) / (hi - lo)`` with each sample's dataset range (NaN stays NaN; a dataset whose
+    MOS are all equal maps to 0.5)."""
+    table = torch.tensor(ranges, dtype=mos.dtype)[dataset]
+    lo, span = table[:, 0], table[:, 1] - table[:, 0]
+    flat = torch.where(mos.isnan(), mos, torch.full_like(mos, 0.5))
+    return torch.where(span > 0, (mos - lo) / span.clamp_min(1e-12), flat)
 
 
 def _shard_paths(shard_dir: Path) -> list[Path]:
@@ -197,29 +212,37 @@ def collate_eval(items: list[tuple[CropSample | None, int, int]]) -> dict | None
 
 
 @dataclass(frozen=True)
-class TrainSource:
-    """One dataset's shard set and its per-rank batch size."""
+class DatasetSpec:
+    """A packed shard set and its per-rank mini-batch size (reference: 4 for LIVE, CSIQ, BID,
+    CLIVE; 16 for KonIQ-10k and KADID-10k): an entry of a training config's ``datasets``."""
 
-    shard_dir: str
-    batch_size: int
+    name: str
+    shards: str
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"datasets.{self.name}.batch_size must be >= 1, got {self.batch_size}")
 
 
 class TrainBatches(IterableDataset):
     """Endless training batches: each step takes ``batch_size`` samples of every dataset's
-    train split (per rank), concatenated, with dataset ids. Use with ``DataLoader(batch_size=None)``.
+    train split (per rank), concatenated, with dataset ids and ``mos_unit`` (MOS scaled by the
+    range in each dataset's manifest). Use with ``DataLoader(batch_size=None)``.
 
     Per dataset and epoch the shard list is shuffled with ``(seed, epoch)`` before it is split
     across consumers; samples pass a shuffle buffer and get 3 random crops after a random flip.
     """
 
-    def __init__(self, sources: list[TrainSource], split: int = 0, crops: CropConfig = CropConfig(),
+    def __init__(self, sources: list[DatasetSpec], split: int = 0, crops: CropConfig = CropConfig(),
                  seed: int = 0, rank: int = 0, world: int = 1, shuffle_buffer: int = 256, start_epoch: int = 0):
         if not sources:
             raise ValueError("no training datasets")
         self.sources = sources
-        self.shards = [_shard_paths(Path(s.shard_dir)) for s in sources]
+        self.shards = [_shard_paths(Path(s.shards)) for s in sources]
+        self.mos_ranges = [tuple(read_manifest(Path(s.shards))["mos_range"]) for s in sources]
         for s in sources:
-            warn_if_unmixed(Path(s.shard_dir))
+            warn_if_unmixed(Path(s.shards))
         self.split, self.crops, self.seed = split, crops, seed
         self.rank, self.world = rank, world
         self.shuffle_buffer, self.start_epoch = shuffle_buffer, start_epoch
@@ -256,7 +279,7 @@ class TrainBatches(IterableDataset):
                     produced += 1
                     yield sample
             if produced == 0:
-                raise RuntimeError(f"{self.sources[d].shard_dir}: consumer {consumer} of {consumers} got no "
+                raise RuntimeError(f"{self.sources[d].shards}: consumer {consumer} of {consumers} got no "
                                    f"training samples in split {self.split} (epoch {epoch})")
             epoch += 1
 
@@ -270,4 +293,4 @@ class TrainBatches(IterableDataset):
                 for _ in range(src.batch_size):
                     samples.append(next(stream))
                     ids.append(d)
-            yield collate(samples, ids, decoder.take_skipped())
+            yield collate(samples, ids, decoder.take_skipped(), self.mos_ranges)

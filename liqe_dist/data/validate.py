@@ -3,8 +3,8 @@ worker process imports only PIL, not torch or webdataset."""
 
 from __future__ import annotations
 
-from ..images import ImageDecodeError, decode_image, read_image_file
-from .records import Record
+from liqe_dist.data.images import ImageDecodeError, decode_image, read_image_file
+from liqe_dist.data.records import Record
 
 
 def validate_record(args: tuple[Record, int]) -> tuple[bytes | None, tuple[int, int] | None, str]:

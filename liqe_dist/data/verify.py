@@ -9,9 +9,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..images import ImageDecodeError, decode_image
-from .packing import MANIFEST, read_manifest
-from .stream import iter_shard
+from liqe_dist.data.images import ImageDecodeError, decode_image
+from liqe_dist.data.packing import MANIFEST, read_manifest
+from liqe_dist.data.stream import iter_shard
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""A DeepSpeed engine around LIQE: AdamW with cosine annealing, ZeRO stage from the config.
+"""A DeepSpeed engine around a model of any family: AdamW (or Adam) with a schedule, ZeRO stage from the config.
 
-The optimiser is torch's AdamW handed to DeepSpeed (no C++ op to build on a CPU), over the
+The optimiser is torch's AdamW (or Adam) handed to DeepSpeed (no C++ op to build on a CPU), over the
 trainable parameters only (the logit scale is frozen by default). The config's ``use_gpu``
 picks the device and DeepSpeed's accelerator, never what the machine happens to have.
 Precision ``auto``: bf16 on GPUs that have it, fp32 elsewhere (DeepSpeed refuses fp16 on
@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .hardware import resolve_precision, select_accelerator, training_device
+from liqe_dist.hardware import resolve_precision, select_accelerator, training_device
 
 
 @dataclass(frozen=True)
@@ -29,16 +29,24 @@ class OptimConfig:
 
     ``schedule``: ``cosine`` anneals once from ``lr`` to ``min_lr`` over the whole run, step by
     step; ``cosine_cycles`` is the reference code's (see :func:`cosine_cycles_factor`), with
-    ``cycle_epochs`` its ``T_max``; ``constant``. None: the one ``loss.recipe`` names (paper:
-    cosine, reference: cosine_cycles), or cosine outside a training config.
+    ``cycle_epochs`` its ``T_max``; ``step`` multiplies the lr by ``step_gamma`` every
+    ``step_epochs`` epochs (PMT-IQA's: / 10 every 6); ``constant``. None: the model family's
+    (LIQE: the one ``model.loss.recipe`` names, paper: cosine, reference: cosine_cycles;
+    PMT-IQA: step), or cosine outside a training config.
+
+    ``optimizer``: ``adamw`` (decoupled weight decay, LIQE's) or ``adam`` (weight decay as an L2
+    term in the gradient: torch's ``Adam(weight_decay=...)``, PMT-IQA's).
     """
 
+    optimizer: Literal["adamw", "adam"] = "adamw"
     lr: float = 5e-6
     weight_decay: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    schedule: Literal["cosine", "cosine_cycles", "constant"] | None = None
+    schedule: Literal["cosine", "cosine_cycles", "step", "constant"] | None = None
     cycle_epochs: int = 5
+    step_epochs: int = 6
+    step_gamma: float = 0.1
     min_lr: float = 0.0
     zero_stage: int = 1
     gradient_clipping: float = 0.0
@@ -53,6 +61,11 @@ class OptimConfig:
             raise ValueError(f"optim.min_lr must be in [0, lr], got {self.min_lr}")
         if self.cycle_epochs < 1:
             raise ValueError(f"optim.cycle_epochs must be >= 1, got {self.cycle_epochs}")
+        if self.step_epochs < 1 or not 0 < self.step_gamma <= 1:
+            raise ValueError(f"optim.step_epochs must be >= 1 and optim.step_gamma in (0, 1], got "
+                             f"{self.step_epochs} and {self.step_gamma}")
+        if self.optimizer not in ("adamw", "adam"):
+            raise ValueError(f"optim.optimizer must be adamw or adam, got {self.optimizer!r}")
 
 
 def cosine_cycles_factor(epoch: int, period: int, min_ratio: float = 0.0) -> float:
@@ -112,10 +125,12 @@ class _CosineCycles:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int, steps_per_epoch: int | None = None):
-    """Torch AdamW over the trainable parameters and its schedule, stepped once per step.
-    ``cosine_cycles`` needs ``steps_per_epoch`` (its lr changes at epoch boundaries only)."""
+    """Torch AdamW (or Adam) over the trainable parameters and its schedule, stepped once per
+    step. ``cosine_cycles`` and ``step`` need ``steps_per_epoch`` (their lr changes at epoch
+    boundaries only)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    adam = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    opt = adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     schedule = cfg.schedule or "cosine"
     if schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps), eta_min=cfg.min_lr)
@@ -124,6 +139,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int, steps_
             raise ValueError("optim.schedule cosine_cycles needs the number of steps per epoch")
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, _CosineCycles(steps_per_epoch, cfg.cycle_epochs, cfg.min_lr / cfg.lr))
+    elif schedule == "step":
+        if not steps_per_epoch:
+            raise ValueError("optim.schedule step needs the number of steps per epoch")
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_epochs * steps_per_epoch, gamma=cfg.step_gamma)
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     return opt, sched

@@ -1,4 +1,5 @@
-"""Scoring images: quality in [1, C] plus the most likely scene and distortion.
+"""Scoring images with a model of any family: quality on the 1-5 scale, plus the most likely
+label of each head the family has (LIQE: scene and distortion; PMT-IQA: quality class).
 
 Crops of several images are batched into one forward pass; decoding and cropping run in
 DataLoader workers. A file that cannot be decoded is reported (path and reason) and skipped;
@@ -12,7 +13,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
@@ -21,10 +22,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .crops import CropConfig, ImageShapeError, eval_crops
-from .hardware import resolve_device
-from .images import ImageDecodeError, decode_image, is_image_path, to_rgb
-from .model import LIQE
+from liqe_dist.data.crops import CropConfig, ImageShapeError, eval_crops
+from liqe_dist.hardware import resolve_device
+from liqe_dist.data.images import ImageDecodeError, decode_image, is_image_path, to_rgb
+from liqe_dist.models.base import IQAModel
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 
@@ -34,14 +35,19 @@ class ImageScore:
     """The prediction for one image."""
 
     source: str
-    quality: float          # q_hat in [1, C]
-    scene: str              # most likely scene ("" when the scene task is off)
-    scene_prob: float
-    distortion: str         # most likely coarse distortion ("" when that task is off)
-    distortion_prob: float
+    quality: float          # 1-5 (LIQE: q_hat in [1, C])
+    heads: dict[str, tuple[str, float]]  # head -> (most likely label, its probability)
     width: int              # px, after the resize rules
     height: int
     upsampled: bool         # True when the image had a side under 224 px and was upscaled
+
+    def row(self) -> dict:
+        """Flat form for tables: source, quality, ``<head>``, ``<head>_prob``..., size, upsampled."""
+        out = {"source": self.source, "quality": round(self.quality, 6)}
+        for name, (label, prob) in self.heads.items():
+            out[name], out[f"{name}_prob"] = label, round(prob, 6)
+        out.update(width=self.width, height=self.height, upsampled=self.upsampled)
+        return out
 
 
 @dataclass
@@ -102,36 +108,43 @@ def _collate(batch):
     return batch
 
 
+def default_crops(model: IQAModel, **changes) -> CropConfig:
+    """The crops a family is scored with: its crop size and count (LIQE 15, PMT-IQA 4)."""
+    return CropConfig(size=model.crop_size, eval_crops=model.eval_crops, **changes)
+
+
 class Scorer:
-    """Scores images with a LIQE model: ``Scorer(model).score(["a.jpg", pil_image])``.
+    """Scores images with a model of any family: ``Scorer(model).score(["a.jpg", pil_image])``.
 
     ``device``: ``auto`` (the GPU when there is one), ``cpu`` or ``cuda[:N]``. Crops are decoded
     in ``num_workers`` processes, cross to the device as uint8 (pinned memory on GPUs) and each
     batch's results come back in one copy.
     """
 
-    def __init__(self, model: LIQE, crops: CropConfig = CropConfig(), batch_images: int = 8,
+    def __init__(self, model: IQAModel, crops: CropConfig | None = None, batch_images: int = 8,
                  num_workers: int = 0, device: str | torch.device = "auto"):
         self.device = resolve_device(str(device))
         self.model = model.eval() if model.device == self.device else model.eval().to(self.device)
-        self.crops = crops
+        self.crops = crops or default_crops(model)
         self.batch_images = batch_images
         self.num_workers = num_workers
 
     def predict(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 crops ``[B, U, 3, H, W]`` (any device) -> ``[B, 5]`` float64 on the device:
-        (quality, scene probability, scene index, distortion probability, distortion index)."""
-        out = self.model(pixels.to(self.device, non_blocking=self.device.type == "cuda"))
-        sp, si = out.scene.max(dim=1)
-        dp, di = out.distortion.max(dim=1)
-        return torch.stack([out.score.double(), sp.double(), si.double(), dp.double(), di.double()], dim=1)
+        """uint8 crops ``[B, U, 3, H, W]`` (any device) -> ``[B, 1 + 2 H]`` float64 on the device:
+        quality, then each head's (probability, index) of its most likely label."""
+        out = self.model.predict(pixels.to(self.device, non_blocking=self.device.type == "cuda"))
+        cols = [out.quality.double()]
+        for name in self.model.heads:
+            prob, index = out.heads[name].max(dim=1)
+            cols += [prob.double(), index.double()]
+        return torch.stack(cols, dim=1)
 
     def score_iter(self, items: list, progress: bool = False) -> Iterator[ImageScore | ScoreFailure]:
         """Yield a score or a failure for each item (a path or a PIL image), in input order."""
         loader = DataLoader(_CropDataset(list(items), self.crops), batch_size=self.batch_images,
                             num_workers=self.num_workers, collate_fn=_collate)
         bar = tqdm(total=len(items), unit="img", desc="scoring", disable=not progress, file=sys.stderr)
-        vocab = self.model.vocabulary
+        heads = self.model.heads
         with torch.inference_mode():
             for batch in loader:
                 good = [(src, c) for src, c, err in batch if err is None]
@@ -141,12 +154,11 @@ class Scorer:
                     if self.device.type == "cuda":
                         pixels = pixels.pin_memory()
                     rows = self.predict(pixels).tolist()  # the batch's one read of the device
-                    for (src, c), (quality, sp, si, dp, di) in zip(good, rows):
-                        results[src] = ImageScore(
-                            source=src, quality=quality,
-                            scene=vocab.scenes[int(si)] if vocab.scenes else "", scene_prob=sp,
-                            distortion=vocab.distortions[int(di)] if vocab.distortions else "",
-                            distortion_prob=dp, width=c.size[0], height=c.size[1], upsampled=c.upsampled)
+                    for (src, c), (quality, *pairs) in zip(good, rows):
+                        labels = {name: (names[int(pairs[2 * i + 1])], pairs[2 * i])
+                                  for i, (name, names) in enumerate(heads.items())}
+                        results[src] = ImageScore(source=src, quality=quality, heads=labels, width=c.size[0],
+                                                  height=c.size[1], upsampled=c.upsampled)
                 for src, _, err in batch:
                     if err is None and not math.isfinite(results[src].quality):
                         err = "the model's score is not a number (are its weights NaN?)"
@@ -174,9 +186,7 @@ def write_scores(results: Iterable[ImageScore], stream: IO[str], fmt: str = "csv
     n = 0
     writer = None
     for r in results:
-        row = asdict(r)
-        for key in ("quality", "scene_prob", "distortion_prob"):
-            row[key] = round(row[key], 6)
+        row = r.row()
         if fmt == "jsonl":
             stream.write(json.dumps(row) + "\n")
         else:

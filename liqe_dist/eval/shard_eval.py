@@ -1,4 +1,5 @@
-"""Evaluating a LIQE model on packed shard sets: per-dataset SRCC/PLCC and task accuracies.
+"""Evaluating a model of any family on packed shard sets: per-dataset SRCC/PLCC, and scene and
+distortion accuracy for models with those heads (LIQE).
 
 Scene accuracy follows the reference code: an image with k scene labels counts a hit for each
 label found among the model's top-k scenes. Distortion accuracy: argmax equals the label.
@@ -14,12 +15,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .crops import CropConfig
-from .hardware import move_batch
-from .data.packing import read_manifest
-from .data.stream import EvalSamples, collate_eval
-from .metrics import Correlation, correlation
-from .model import LIQE
+from liqe_dist.data.crops import CropConfig
+from liqe_dist.hardware import move_batch
+from liqe_dist.data.packing import read_manifest
+from liqe_dist.data.stream import EvalSamples, collate_eval
+from liqe_dist.eval.metrics import Correlation, correlation
+from liqe_dist.models.base import IQAModel, Prediction
 
 
 @dataclass
@@ -53,7 +54,7 @@ class DatasetEval:
         return self.distortion_hits / self.distortion_labels if self.distortion_labels else float("nan")
 
 
-def batch_statistics(model: LIQE, batch: dict, device: torch.device) -> torch.Tensor:
+def batch_statistics(model: IQAModel, batch: dict, device: torch.device) -> torch.Tensor:
     """Forward one evaluation batch on ``device`` and reduce it there to ``[N, 4]`` float64 rows
     ``(score, scene hits, scene labels, distortion hit)``; distortion hit is -1 where the image
     has no distortion label (or the task is off). One copy to the device, none back.
@@ -62,26 +63,27 @@ def batch_statistics(model: LIQE, batch: dict, device: torch.device) -> torch.Te
     the model's top-k scenes (the rank of a scene is its position in descending probability).
     """
     batch = move_batch(batch, device)
-    return output_statistics(model(batch["images"]), batch)
+    return output_statistics(model.predict(batch["images"]), batch)
 
 
-def output_statistics(out, batch: dict) -> torch.Tensor:
-    """:func:`batch_statistics` from the model's output ``out`` (on the batch's device)."""
+def output_statistics(out: Prediction, batch: dict) -> torch.Tensor:
+    """:func:`batch_statistics` from the model's prediction ``out`` (on the batch's device)."""
     labels = batch["scenes"] > 0
     k = labels.sum(dim=1)
-    if out.scene.shape[1] > 1:
-        order = out.scene.argsort(dim=1, descending=True, stable=True)
+    scene, distortion = out.heads.get("scene"), out.heads.get("distortion")
+    if scene is not None and scene.shape[1] > 1:
+        order = scene.argsort(dim=1, descending=True, stable=True)
         position = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
                                                     .expand_as(order).contiguous())
         hits = (labels & (position < k[:, None])).sum(dim=1)
     else:
         hits, k = torch.zeros_like(k), torch.zeros_like(k)
-    if out.distortion.shape[1] > 1:
-        hit = (out.distortion.argmax(dim=1) == batch["distortion"]).double()
+    if distortion is not None and distortion.shape[1] > 1:
+        hit = (distortion.argmax(dim=1) == batch["distortion"]).double()
         dist_hit = torch.where(batch["has_distortion"], hit, torch.full_like(hit, -1.0))
     else:
-        dist_hit = torch.full_like(out.score, -1.0, dtype=torch.float64)
-    return torch.stack([out.score.double(), hits.double(), k.double(), dist_hit], dim=1)
+        dist_hit = torch.full_like(out.quality, -1.0, dtype=torch.float64)
+    return torch.stack([out.quality.double(), hits.double(), k.double(), dist_hit], dim=1)
 
 
 def _update(ev: DatasetEval, batch: dict, stats: list[list[float]]) -> None:
@@ -98,7 +100,7 @@ def _update(ev: DatasetEval, batch: dict, stats: list[list[float]]) -> None:
 
 
 @torch.inference_mode()
-def evaluate_shards(model: LIQE, shard_dirs: list[str | Path], split: int = 0, part: str = "test",
+def evaluate_shards(model: IQAModel, shard_dirs: list[str | Path], split: int = 0, part: str = "test",
                     crops: CropConfig = CropConfig(), batch_images: int = 8, workers: int = 0,
                     rank: int = 0, world: int = 1, progress: bool = True,
                     device: str | torch.device | None = None) -> dict[str, DatasetEval]:

@@ -1,5 +1,5 @@
 """Running training on a Ray cluster: a Ray Train TorchTrainer whose workers run
-:func:`liqe_dist.trainer.train_worker` (each building its own DeepSpeed engine).
+:func:`liqe_dist.train.loop.train_worker` (each building its own DeepSpeed engine).
 
 A local cluster is started unless ``address`` names one (``ray start --head`` on a SLURM node).
 The local cluster listens on 127.0.0.1 only: on Linux Ray turns a loopback node address into the
@@ -16,17 +16,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import from_dict, to_dict
-from .data.packing import read_manifest
-from .hardware import process_group_backend
-from .train_config import TrainConfig
+from liqe_dist.config import from_dict, to_dict
+from liqe_dist.data.packing import read_manifest
+from liqe_dist.hardware import process_group_backend
+from liqe_dist.train.config import TrainConfig
 
 
 def _train_loop(loop_config: dict) -> None:
     import ray.train
 
-    from .logs import setup_logging
-    from .trainer import train_worker
+    from liqe_dist.console import setup_logging
+    from liqe_dist.train.loop import train_worker
 
     setup_logging()
     cfg = from_dict(TrainConfig, loop_config["config"])

@@ -4,28 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .crops import CropConfig
-from .engine import OptimConfig
-from .losses import RECIPES, LossConfig
-from .model import ModelConfig
-from .weighting import WeightingConfig
+from liqe_dist.data.crops import CropConfig
+from liqe_dist.data.stream import DatasetSpec
+from liqe_dist.dist.engine import OptimConfig
+from liqe_dist.models.liqe.config import LIQEConfig
+from liqe_dist.models.registry import ModelConfig
+from liqe_dist.train.weighting import WeightingConfig
 
 
 GPU_CPUS_PER_WORKER = 8.0  # default CPUs per GPU rank: 7 loader processes + the training process
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """A packed shard set and its per-rank mini-batch size (reference: 4 for LIVE, CSIQ, BID,
-    CLIVE; 16 for KonIQ-10k and KADID-10k)."""
-
-    name: str
-    shards: str
-    batch_size: int = 4
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"datasets.{self.name}.batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -33,8 +20,7 @@ class TrainConfig:
     """Everything a run needs; defaults are the reference recipe where it has one."""
 
     datasets: list[DatasetSpec]
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    model: ModelConfig = field(default_factory=LIQEConfig)  # model.family picks the family
     optim: OptimConfig = field(default_factory=OptimConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     crops: CropConfig = field(default_factory=CropConfig)
@@ -48,8 +34,6 @@ class TrainConfig:
     placement: str = "PACK"         # Ray placement of the workers: PACK, SPREAD, STRICT_SPREAD (one per node)
     loader_workers: int | None = None  # DataLoader processes per rank; None: 0 on CPU, cpus_per_worker - 1 on GPU
     shuffle_buffer: int = 256
-    shard_prompts: bool = True      # each rank encodes V/W prompts (exact either way)
-    freeze_text: bool = False       # ablation 3: text encoder frozen, prompts encoded once
     checkpoint_every: int = 100     # steps
     keep_checkpoints: int = 2
     eval_every_epochs: int = 1
@@ -60,8 +44,16 @@ class TrainConfig:
     name: str = "liqe"
 
     def __post_init__(self) -> None:
-        if self.optim.schedule is None:  # frozen: fill the recipe's schedule once
-            object.__setattr__(self, "optim", replace(self.optim, schedule=RECIPES[self.loss.recipe]["schedule"]))
+        if self.optim.schedule is None:  # frozen: fill the family's default schedule once
+            object.__setattr__(self, "optim", replace(self.optim, schedule=self.model.default_schedule))
+        if getattr(self.model, "crop_size", self.crops.size) != self.crops.size:
+            raise ValueError(f"crops.size ({self.crops.size}) must equal model.crop_size ({self.model.crop_size})")
+        if self.weighting.method == "progressive":
+            for key in ("easy", "hard"):
+                task = getattr(self.weighting, key)
+                if task not in self.model.loss_tasks:
+                    raise ValueError(f"weighting.{key}: task {task!r} is not one this model trains "
+                                     f"({', '.join(self.model.loss_tasks)})")
         if not self.datasets:
             raise ValueError("datasets: at least one dataset is needed")
         names = [d.name for d in self.datasets]

@@ -1,9 +1,12 @@
 """The training loop one data-parallel rank runs (inside Ray Train, torchrun, or spawned ranks).
 
-step: per-dataset mini-batches (this rank's share) -> sharded prompts + local images -> global
-logits -> multitask loss (eq. 10) with the current task weights -> DeepSpeed backward/step ->
+step: per-dataset mini-batches (this rank's share) -> the model family's loss terms over the
+global batch (``model.training_losses``; LIQE: sharded prompts + local images -> global logits ->
+fidelity losses) -> weighted total with the current task weights -> DeepSpeed backward/step ->
 task losses to the weighting (period statistics all-reduced, weights checked equal on all ranks)
 -> checkpoint every N steps -> evaluation on val/test each epoch -> best model by mean val SRCC.
+The loop never names a family: everything family-specific goes through
+:class:`~liqe_dist.models.base.IQAModel`.
 
 On the device: the batch is copied once per step (pinned memory, asynchronous) and crops travel
 as uint8; nothing reads a device value between forward and backward; after the step the
@@ -28,26 +31,26 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from .checkpointing import (latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_run_weights,
-                            save_training_checkpoint)
-from .distributed import all_reduce_sum, is_distributed, max_spread, rank, use_global_batchnorm, world_size
-from .hardware import move_batch
-from .engine import build_engine
-from .evaluation import DatasetEval, evaluate_shards
-from .losses import LossTerm, weighted_total
-from .model import LIQE, build_model, freeze_text_encoder
-from .objective import step_losses
-from .data.stream import TrainBatches, TrainSource
-from .run_log import RunLog
-from .train_config import TrainConfig
-from .weighting import build_weighting
+from liqe_dist.train.state import (latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_run_weights,
+                                   save_training_checkpoint)
+from liqe_dist.dist.collectives import all_reduce_sum, is_distributed, max_spread, rank, world_size
+from liqe_dist.dist.batchnorm import use_global_batchnorm
+from liqe_dist.hardware import move_batch
+from liqe_dist.dist.engine import build_engine
+from liqe_dist.eval.shard_eval import DatasetEval, evaluate_shards
+from liqe_dist.models.base import IQAModel, LossTerm
+from liqe_dist.models.registry import build_model
+from liqe_dist.data.stream import TrainBatches
+from liqe_dist.train.run_log import RunLog
+from liqe_dist.train.config import TrainConfig
+from liqe_dist.train.weighting import build_weighting, weighted_total
 
 log = logging.getLogger(__name__)
 
 Reporter = Callable[[dict], None]
 
 
-def evaluate_all_ranks(model: LIQE, cfg: TrainConfig, part: str) -> dict[str, DatasetEval]:
+def evaluate_all_ranks(model: IQAModel, cfg: TrainConfig, part: str) -> dict[str, DatasetEval]:
     """Each rank scores its exact-once share; predictions are gathered so every rank holds the
     whole part and the same criteria."""
     shards = [d.shards for d in cfg.datasets]
@@ -72,13 +75,15 @@ def evaluate_all_ranks(model: LIQE, cfg: TrainConfig, part: str) -> dict[str, Da
     return merged
 
 
-def _eval_metrics(results: dict[str, DatasetEval], part: str) -> dict[str, float]:
+def _eval_metrics(results: dict[str, DatasetEval], part: str, heads: dict) -> dict[str, float]:
     out = {}
     for name, ev in results.items():
         out[f"{part}/{name}/srcc"] = ev.quality.srcc
         out[f"{part}/{name}/plcc"] = ev.quality.plcc
-        out[f"{part}/{name}/scene_acc"] = ev.scene_accuracy
-        out[f"{part}/{name}/distortion_acc"] = ev.distortion_accuracy
+        if "scene" in heads:
+            out[f"{part}/{name}/scene_acc"] = ev.scene_accuracy
+        if "distortion" in heads:
+            out[f"{part}/{name}/distortion_acc"] = ev.distortion_accuracy
     srccs = [ev.quality.srcc for ev in results.values() if not math.isnan(ev.quality.srcc)]
     out[f"{part}/mean_srcc"] = float(np.mean(srccs)) if srccs else float("nan")
     return out
@@ -131,9 +136,7 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
     model = build_model(cfg.model).train()
     if use_global_batchnorm(model) and r == 0:
         log.info("batch norm uses the statistics of the global batch (exact under data parallelism), in float32")
-    if cfg.freeze_text:
-        freeze_text_encoder(model)
-    tasks = tuple(t for t in ("quality", "scene", "distortion") if t in cfg.model.tasks)
+    tasks = model.tasks
     engine, _, scheduler = build_engine(model, cfg.optim, cfg.total_steps, cfg.steps_per_epoch, use_gpu=cfg.use_gpu)
     device = engine.device
     weighting = build_weighting(cfg.weighting, tasks, cfg.steps_per_epoch, cfg.epochs)
@@ -149,12 +152,8 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
     runlog = RunLog(run_dir, enabled=(r == 0))
     redone = runlog.rewind(step)
     runlog.event({"event": "start" if step == 0 else "resume", "step": step, "world": world, "redone_steps": redone})
-    text_emb = None
-    if cfg.freeze_text and engine.module.uses_prompts:
-        with torch.no_grad():
-            text_emb = engine.module.encode_prompts()
     # A resumed run draws new samples (its seed includes the step) rather than replaying old ones.
-    data = TrainBatches([TrainSource(d.shards, d.batch_size) for d in cfg.datasets], cfg.split, cfg.crops,
+    data = TrainBatches(list(cfg.datasets), cfg.split, cfg.crops,
                         seed=cfg.seed * 1_000_003 + step, rank=r, world=world, shuffle_buffer=cfg.shuffle_buffer)
     batches = iter(DataLoader(data, batch_size=None, num_workers=cfg.resolved_loader_workers,
                               pin_memory=cfg.use_gpu))
@@ -166,7 +165,7 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
         nonlocal best
         for part in cfg.eval_parts:
             results = evaluate_all_ranks(engine.module, cfg, part)
-            metrics.update(_eval_metrics(results, part))
+            metrics.update(_eval_metrics(results, part, engine.module.heads))
             if part == "test":
                 runlog.predictions(step, results)
         engine.module.train()
@@ -176,7 +175,7 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
         if math.isnan(val) or math.isnan(best["val/mean_srcc"]) or val > best["val/mean_srcc"]:
             best = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
             best["step"] = step
-            save_run_weights(engine, run_dir / "best.safetensors", cfg.model.name, r, extra={"step": step})
+            save_run_weights(engine, run_dir / "best.safetensors", r, extra={"step": step})
 
     if cfg.total_steps == 0:  # zero-shot (Table 4, row 1): evaluate the model as built
         metrics = {"step": 0, "epoch": 0}
@@ -187,7 +186,7 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
         t0 = time.perf_counter()
         batch = move_batch(next(batches), device)
         lam = weighting.weights()
-        terms, _ = step_losses(engine.module, batch, tasks, cfg.shard_prompts, text_emb, cfg.loss, rank_sizes)
+        terms = engine.module.training_losses(batch, rank_sizes)
         loss = weighted_total(terms, lam)
         lr = scheduler.get_last_lr()[0]  # the lr this step trains at (engine.step() moves to the next)
         engine.backward(loss)
@@ -211,7 +210,7 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
             evaluate(step)
             evaluated = True
         if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-            save_training_checkpoint(ckpt_dir, engine, scheduler, weighting, step, r, cfg.model.name,
+            save_training_checkpoint(ckpt_dir, engine, scheduler, weighting, step, r,
                                      extra={"best": {k: float(v) for k, v in best.items()}})
             if is_distributed():
                 dist.barrier()
@@ -219,7 +218,7 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
                 prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
         if report is not None and (evaluated or step == cfg.total_steps):
             report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    save_run_weights(engine, run_dir / "final.safetensors", cfg.model.name, r, extra={"step": step})
+    save_run_weights(engine, run_dir / "final.safetensors", r, extra={"step": step})
     if r == 0:
         (run_dir / "best.json").write_text(json.dumps(best, indent=1))
         runlog.plots()

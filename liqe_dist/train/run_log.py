@@ -81,7 +81,7 @@ class RunLog:
         self._append("steps.csv", m)
         self._scalars(m)
         if m["step"] % self.every == 0 or m["step"] == 1:
-            losses = " ".join(f"{k[5:]} {v:.4f}" for k, v in m.items() if k.startswith("loss/"))
+            losses = " ".join(f"{k.removeprefix('loss/')} {v:.4f}" for k, v in m.items() if k.startswith("loss/"))
             lams = " ".join(f"{v:.3f}" for k, v in m.items() if k.startswith("lambda/"))
             log.info("step %d (epoch %d)  loss %.4f [%s]  lambda [%s]  lr %.2e  %.1f img/s%s", m["step"], m["epoch"],
                      m["loss"], losses, lams, m["lr"], m["images_per_second"],

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``step-<N>/``:
 
-* ``model.safetensors``: the LIQE weights (project format, also loadable by ``liqe-dist score``);
+* ``model.safetensors``: the model's weights (project format of its family, also loadable by
+  ``liqe-dist score``);
 * ``rank-<r>.pt``: that rank's optimizer state (a ZeRO partition under ZeRO-1/2), LR scheduler,
   task weighting, step, data seed and RNG states.
 
@@ -26,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_weights, save_weights
-from .engine import master_state_dict
+from liqe_dist.dist.engine import master_state_dict
+from liqe_dist.files import atomic_path
+from liqe_dist.models.weights import load_weights, save_weights
 
 
 def _allow_deepspeed_types() -> None:
@@ -54,20 +56,20 @@ def _rng_state() -> dict:
             "python": torch.tensor(random.getstate()[1], dtype=torch.int64)}
 
 
-def save_run_weights(engine, path: str | Path, model_name: str, rank: int, extra: dict | None = None) -> None:
+def save_run_weights(engine, path: str | Path, rank: int, extra: dict | None = None) -> None:
     """Rank 0 writes the run's weights (the float32 masters under bf16); every rank must call."""
     state = master_state_dict(engine)
     if rank == 0:
-        save_weights(engine.module, path, model_name, extra=extra, state=state)
+        save_weights(engine.module, path, extra=extra, state=state)
 
 
 def save_training_checkpoint(folder: str | Path, engine, scheduler, weighting, step: int, rank: int,
-                             model_name: str, extra: dict | None = None) -> Path:
+                             extra: dict | None = None) -> Path:
     """Write this rank's part of checkpoint ``folder/step-<step>`` (rank 0 also the weights).
     Every rank must call it (ZeRO partitions live on every rank)."""
     ckpt = Path(folder) / f"step-{step:08d}"
     ckpt.mkdir(parents=True, exist_ok=True)
-    save_run_weights(engine, ckpt / "model.safetensors", model_name, rank, extra={"step": step})
+    save_run_weights(engine, ckpt / "model.safetensors", rank, extra={"step": step})
     state = {
         "step": torch.tensor(step),
         "optimizer": engine.optimizer.state_dict(),
@@ -76,9 +78,8 @@ def save_training_checkpoint(folder: str | Path, engine, scheduler, weighting, s
         "rng": _rng_state(),
         "extra": extra or {},
     }
-    tmp = ckpt / f"rank-{rank}.pt.partial"
-    torch.save(state, tmp)
-    tmp.replace(ckpt / f"rank-{rank}.pt")
+    with atomic_path(ckpt / f"rank-{rank}.pt") as tmp:
+        torch.save(state, tmp)
     return ckpt
 
 
@@ -99,10 +100,7 @@ def load_training_checkpoint(ckpt: str | Path, engine, scheduler, weighting, ran
     ckpt = Path(ckpt)
     _allow_deepspeed_types()
     state = torch.load(ckpt / f"rank-{rank}.pt", map_location="cpu", weights_only=True)
-    weights = load_weights(ckpt / "model.safetensors")
-    engine.module.clip.load_state_dict(weights.clip.state_dict())
-    if engine.module.head is not None:
-        engine.module.head.load_state_dict(weights.head.state_dict())
+    restore_weights(engine.module, load_weights(ckpt / "model.safetensors", family=engine.module.family))
     opt = engine.optimizer
     if "state_dict_list" in inspect.signature(opt.load_state_dict).parameters:
         # ZeRO 1/2 and BF16_Optimizer: one entry per data-parallel rank, this rank's partition
@@ -115,6 +113,16 @@ def load_training_checkpoint(ckpt: str | Path, engine, scheduler, weighting, ran
     weighting.load_state_dict(state["weighting"])
     set_rng_state(state["rng"])
     return state
+
+
+def restore_weights(module: torch.nn.Module, saved: torch.nn.Module) -> None:
+    """Copy ``saved``'s parameters and buffers into ``module`` (same family and architecture).
+    A tensor may differ in shape only where its elements agree (LIQE's logit scale is ``[]``
+    in files and ``[1]`` when trained)."""
+    own = module.state_dict()
+    state = {k: v.reshape(own[k].shape) if k in own and v.numel() == own[k].numel() else v
+             for k, v in saved.state_dict().items()}
+    module.load_state_dict(state, strict=True)
 
 
 def prune_checkpoints(folder: str | Path, keep: int) -> None:

@@ -1,4 +1,5 @@
-"""Task loss weighting: dynamic weight averaging (DWA, eq. 11), equal, and PMT-IQA's progressive.
+"""Task loss weighting: dynamic weight averaging (DWA, eq. 11), equal, and PMT-IQA's progressive,
+and the weighted total loss (eq. 10).
 
 A weighting is an explicit object whose whole state is a few tensors and integers
 (:meth:`state_dict`), so it checkpoints with ``torch.save`` / ``weights_only`` loads, and its
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
+
+from liqe_dist.models.base import LossTerm
 
 Reducer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -174,3 +177,14 @@ def build_weighting(cfg: WeightingConfig, tasks: tuple[str, ...], steps_per_epoc
         return DWAWeighting(tasks, period, cfg.temperature, cfg.scale)
     total_periods = max(1, math.ceil(total_epochs * steps_per_epoch / period))
     return ProgressiveWeighting(tasks, period, total_periods, cfg.easy, cfg.hard)
+
+
+def weighted_total(terms: dict[str, LossTerm], weights: dict[str, float]) -> torch.Tensor:
+    """The loss a step trains on (LIQE's eq. 10, PMT-IQA's lambda_reg L1 + lambda_cls CE): ``sum_j lambda_j * mean_j`` over the tasks present in ``terms``."""
+    total = None
+    for name, term in terms.items():
+        part = weights[name] * term.mean
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError("no loss terms to combine")
+    return total

@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..records import Record
-from ._common import DatasetFormatError
-from .authentic import read_bid, read_clive, read_koniq, read_spaq
-from .generic_csv import read_generic_csv
-from .label_lists import read_label_lists
-from .synthetic_dists import read_csiq, read_kadid, read_live, read_pipal, read_tid2013
+from liqe_dist.data.records import Record
+from liqe_dist.data.adapters._common import DatasetFormatError
+from liqe_dist.data.adapters.authentic import read_bid, read_clive, read_koniq, read_spaq
+from liqe_dist.data.adapters.generic_csv import read_generic_csv
+from liqe_dist.data.adapters.label_lists import read_label_lists
+from liqe_dist.data.adapters.synthetic_dists import read_csiq, read_kadid, read_live, read_pipal, read_tid2013
 
 Reader = Callable[..., list[Record]]
 

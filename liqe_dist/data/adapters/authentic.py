@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..records import Record, make_key
-from ._common import (DatasetFormatError, FileIndex, column, load_mat, mat_numbers, mat_strings,
+from liqe_dist.data.records import Record, make_key
+from liqe_dist.data.adapters._common import (DatasetFormatError, FileIndex, column, load_mat, mat_numbers, mat_strings,
                       read_table, to_float)
 
 

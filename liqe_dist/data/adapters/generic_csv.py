@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..records import Record, make_key
-from ._common import DatasetFormatError, column, read_table, to_float
+from liqe_dist.data.records import Record, make_key
+from liqe_dist.data.adapters._common import DatasetFormatError, column, read_table, to_float
 
 
 def read_generic_csv(table: Path, dataset: str, image_root: Path | None = None) -> list[Record]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..records import Record, make_key, split_code
-from ._common import DatasetFormatError, read_text, to_float
+from liqe_dist.data.records import Record, make_key, split_code
+from liqe_dist.data.adapters._common import DatasetFormatError, read_text, to_float
 
 _PART = re.compile(r"(train|val|test)", re.I)
 

@@ -11,8 +11,8 @@ import math
 import re
 from pathlib import Path
 
-from ..records import Record, make_key
-from ._common import (DatasetFormatError, FileIndex, column, load_mat, mat_numbers, mat_strings,
+from liqe_dist.data.records import Record, make_key
+from liqe_dist.data.adapters._common import (DatasetFormatError, FileIndex, column, load_mat, mat_numbers, mat_strings,
                       read_table, read_text, require, to_float)
 
 LIVE_FOLDERS = ("jp2k", "jpeg", "wn", "gblur", "fastfading")  # the order of dmos.mat

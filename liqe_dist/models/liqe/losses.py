@@ -36,6 +36,8 @@ from typing import Literal
 
 import torch
 
+from liqe_dist.models.base import LossTerm
+
 _SQRT2 = math.sqrt(2.0)
 
 #: The knob values each recipe stands for (``schedule`` is ``optim.schedule``'s).
@@ -76,20 +78,6 @@ class LossConfig:
 
 
 PAPER = LossConfig("paper")
-
-
-@dataclass
-class LossTerm:
-    """``total``: sum of per-item losses (a graph-connected scalar); ``count``: items summed (a
-    0-dim integer tensor on the same device: reading it would stall a GPU between forward and
-    backward, so nothing here does)."""
-
-    total: torch.Tensor
-    count: torch.Tensor
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.total / self.count.clamp_min(1)
 
 
 def _sqrt(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
@@ -167,14 +155,3 @@ def distortion_loss(p_dist: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     onehot.scatter_(1, idx[:, None], 1.0)
     per_image = 1.0 - _sqrt(onehot * p_dist, eps).sum(dim=1)
     return LossTerm((per_image * mask).sum(), mask.sum())
-
-
-def weighted_total(terms: dict[str, LossTerm], weights: dict[str, float]) -> torch.Tensor:
-    """Eq. 10: ``sum_j lambda_j * mean_j`` over the tasks present in ``terms``."""
-    total = None
-    for name, term in terms.items():
-        part = weights[name] * term.mean
-        total = part if total is None else total + part
-    if total is None:
-        raise ValueError("no loss terms to combine")
-    return total

@@ -11,6 +11,7 @@ Shapes: B images, U crops per image, V prompts (495 by default), K embedding wid
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,65 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .crops import normalise
-from .text_encoder import cut_tokens, encode_tokens
-from .vocabulary import Vocabulary
+from liqe_dist.data.crops import normalise
+from liqe_dist.data.labels import VOCABULARY_VERSION
+from liqe_dist.models.base import PRECISIONS, IQAModel, LossTerm, Prediction  # noqa: F401
+from liqe_dist.models.liqe.losses import PAPER, LossConfig
+from liqe_dist.models.liqe.objective import step_losses
+from liqe_dist.models.liqe.text_encoder import cut_tokens, encode_tokens
+from liqe_dist.models.liqe.vocabulary import TASKS, Vocabulary
 
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Which CLIP to build and how LIQE uses it.
-
-    ``name``: an open_clip model name (``ViT-B-32``) or a project config (``liqe-tiny``).
-    ``pretrained``: an open_clip tag (``openai``, needs a download on the user's machine) or None.
-    ``checkpoint``: a local weights file (project safetensors, the released LIQE ``.pt``, or
-    pyiqa's ``liqe_mix.pt``), loaded after building.
-    """
-
-    name: str = "ViT-B-32"
-    pretrained: str | None = None
-    checkpoint: str | None = None
-    quick_gelu: bool | None = None  # None: what the weights were trained with (resolve_quick_gelu)
-    precision: Literal["fp32", "bf16"] = "fp32"
-    freeze_logit_scale: bool = True
-    text_context: Literal["cut", "full"] = "cut"
-    quality_levels: int = 5
-    tasks: tuple[str, ...] = ("quality", "scene", "distortion")
-    separate_templates: bool = False  # ablation (4): one template and one softmax per task
-    head: Literal["prompts", "linear"] = "prompts"  # "linear": ablation (6), image encoder + FC layer
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"model.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        unknown = set(self.tasks) - {"quality", "scene", "distortion"}
-        if unknown or not self.tasks:
-            raise ValueError(f"model.tasks must be a non-empty subset of quality/scene/distortion, got {self.tasks}")
-        if self.head not in ("prompts", "linear"):
-            raise ValueError(f"model.head must be 'prompts' or 'linear', got {self.head!r}")
-        if self.head == "linear" and tuple(self.tasks) != ("quality",):
-            raise ValueError(f"model.head 'linear' (ablation 6) predicts quality only: set model.tasks to "
-                             f"[quality], got {list(self.tasks)}")
-        if self.quality_levels not in (2, 5):
-            raise ValueError(f"model.quality_levels must be 5 or 2, got {self.quality_levels}")
-        if self.checkpoint is not None and not Path(self.checkpoint).is_file():
-            raise ValueError(f"model.checkpoint: no such file {self.checkpoint!r}")
-        if self.name in open_clip.list_models():
-            resolve_quick_gelu(self.name, self.pretrained, self.quick_gelu)
-        elif self.checkpoint is None:  # a project checkpoint names its own architecture
-            raise ValueError(f"model.name: unknown model {self.name!r} (open_clip names such as ViT-B-32, "
-                             f"or a project config: liqe-tiny, liqe-tiny-rn, liqe-small)")
-
-    def vocabulary(self) -> Vocabulary:
-        return Vocabulary.for_tasks("quality" in self.tasks, "scene" in self.tasks,
-                                    "distortion" in self.tasks, levels=self.quality_levels,
-                                    separate=self.separate_templates)
+HEAD_PREFIX = "liqe_head."  # weight files: the linear head of ablation (6), next to CLIP's own keys
 
 
 @dataclass
@@ -133,12 +89,18 @@ def freeze_text_encoder(model: "LIQE") -> None:
             p.requires_grad_(False)
 
 
-class LIQE(nn.Module):
+class LIQE(IQAModel):
     """LIQE around an open_clip CLIP model (``self.clip``).
 
     ``head="linear"`` is ablation (6) of Table 4: the image encoder with a fully connected layer
     on the crop-averaged embedding that regresses quality directly; no prompts are used.
+
+    Training options (not weights; :meth:`configure_training`): the loss recipe, whether each
+    rank encodes only its share of the prompts, and a frozen text encoder (ablation 3), whose
+    prompt embeddings are then encoded once.
     """
+
+    family = "liqe"
 
     def __init__(self, clip: nn.Module, vocabulary: Vocabulary | None = None,
                  text_context: Literal["cut", "full"] = "cut", freeze_logit_scale: bool = True,
@@ -156,6 +118,79 @@ class LIQE(nn.Module):
         self.register_buffer("prompt_tokens", tokens, persistent=False)
         set_logit_scale_trainable(self.clip, not freeze_logit_scale)
         self._text_cache: torch.Tensor | None = None
+        self.configure_training()
+
+    def configure_training(self, loss: LossConfig = PAPER, shard_prompts: bool = True,
+                           freeze_text: bool = False) -> "LIQE":
+        """Set how :meth:`training_losses` trains (see the class docstring)."""
+        self.loss_cfg, self.shard_prompts, self.freeze_text = loss, shard_prompts, freeze_text
+        if freeze_text:
+            freeze_text_encoder(self)
+        self._fixed_text: torch.Tensor | None = None
+        return self
+
+    # -- the family seam ------------------------------------------------------------------------
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(name for name, on in zip(TASKS, self.vocabulary.tasks) if on)
+
+    @property
+    def heads(self) -> dict[str, tuple[str, ...]]:
+        if not self.uses_prompts:
+            return {}
+        return {name: labels for name, labels in (("scene", self.vocabulary.scenes),
+                                                  ("distortion", self.vocabulary.distortions)) if labels}
+
+    def training_losses(self, batch: dict, rank_sizes: list[int] | None = None) -> dict[str, LossTerm]:
+        """The fidelity losses (eqs. 4-10) over the global batch; see :mod:`.objective`."""
+        text_emb = None
+        if self.freeze_text and self.uses_prompts:
+            if self._fixed_text is None:  # frozen: the same every step
+                with torch.no_grad():
+                    self._fixed_text = self.encode_prompts()
+            text_emb = self._fixed_text
+        terms, _ = step_losses(self, batch, self.tasks, self.shard_prompts, text_emb, self.loss_cfg, rank_sizes)
+        return terms
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """q_hat in [1, C] (C = 5: the 1-5 scale; the linear head's regressed value) and the
+        scene and distortion marginals."""
+        out = self(images)
+        heads = {"scene": out.scene, "distortion": out.distortion}
+        return Prediction(quality=out.score, heads={k: heads[k] for k in self.heads})
+
+    def weights_state(self, state: dict[str, torch.Tensor] | None = None
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """CLIP's tensors under open_clip/OpenAI names (and the linear head under
+        :data:`HEAD_PREFIX`), and metadata that rebuilds the architecture, vocabulary and text
+        context (read back by :func:`liqe_dist.models.liqe.weights.from_weights`)."""
+        state = self.state_dict() if state is None else state
+        cfg = getattr(self.clip, "liqe_model_cfg", None) or open_clip.get_model_config(self.model_name)
+        v = self.vocabulary
+        meta = {
+            "model_name": self.model_name,
+            "model_cfg": json.dumps(cfg) if cfg else "",
+            "quick_gelu": json.dumps(uses_quick_gelu(self.clip)),
+            "vocabulary": json.dumps({"qualities": v.qualities, "scenes": v.scenes, "distortions": v.distortions,
+                                      "separate": v.separate}),
+            "vocabulary_version": VOCABULARY_VERSION,
+            "text_context": "full" if self.prompt_tokens.shape[1] == _context(self.clip) else "cut",
+            "head": "prompts" if self.head is None else "linear",
+        }
+        tensors = {k.removeprefix("clip."): v for k, v in state.items() if k.startswith("clip.")}
+        tensors["logit_scale"] = tensors["logit_scale"].reshape(())  # [1] when it was trained
+        if self.head is not None:
+            tensors.update({f"{HEAD_PREFIX}{k.removeprefix('head.')}": v for k, v in state.items()
+                            if k.startswith("head.")})
+        return tensors, meta
+
+    @property
+    def model_name(self) -> str:
+        """The open_clip name the CLIP was built as (set by :func:`build_clip` and the loaders)."""
+        name = getattr(self.clip, "liqe_model_name", None)
+        if not name:
+            raise ValueError("this CLIP's architecture is unknown (build it with liqe_dist.models.liqe.model.build_clip)")
+        return name
 
     # -- encoders ---------------------------------------------------------------------------
     @property
@@ -292,20 +327,17 @@ def build_clip(name: str, pretrained: str | None = None, quick_gelu: bool | None
         raise ValueError(f"unknown model name {name!r} (e.g. {known})")
     kwargs = {"force_quick_gelu": True} if resolve_quick_gelu(name, pretrained, quick_gelu) else {}
     try:
-        return open_clip.create_model(name, pretrained=pretrained, **kwargs)
+        clip = open_clip.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as exc:
         raise RuntimeError(f"cannot build {name!r} with pretrained={pretrained!r}: {exc}") from exc
+    clip.liqe_model_name = name  # weight files record it
+    return clip
 
 
-def build_model(cfg: ModelConfig) -> LIQE:
-    """Build LIQE from a :class:`ModelConfig`, loading ``cfg.checkpoint`` if given."""
-    from .checkpoint import load_weights  # avoid a cycle: checkpoint builds models too
+def _context(clip) -> int:
+    pos = clip.positional_embedding if hasattr(clip, "positional_embedding") else clip.text.positional_embedding
+    return pos.shape[0]
 
-    if cfg.checkpoint:
-        model = load_weights(cfg.checkpoint, model_name=cfg.name, vocabulary=cfg.vocabulary(),
-                             text_context=cfg.text_context, quick_gelu=cfg.quick_gelu)
-    else:
-        clip = build_clip(cfg.name, cfg.pretrained, cfg.quick_gelu)
-        model = LIQE(clip, cfg.vocabulary(), text_context=cfg.text_context, head=cfg.head)
-    set_logit_scale_trainable(model.clip, not cfg.freeze_logit_scale)
-    return model.to(PRECISIONS[cfg.precision])
+
+def uses_quick_gelu(clip) -> bool:
+    return any(isinstance(m, open_clip.transformer.QuickGELU) for m in clip.modules())

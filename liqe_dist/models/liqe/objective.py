@@ -3,7 +3,7 @@
 Each rank encodes its own images and only its slice of the prompts; prompt embeddings and
 per-image logits are all-gathered with autograd, so every rank forms the same quality pairs
 (within each dataset, across ranks) and the same global means, and computes the identical loss.
-See :mod:`liqe_dist.distributed` for why the resulting gradients are exact.
+See :mod:`liqe_dist.dist.collectives` for why the resulting gradients are exact.
 
 Embeddings, cosines and logits are float32 whatever the towers compute in, so the gathers and
 their backward all-reduces carry float32 (see :meth:`LIQE.encode_images`). Gather sizes are
@@ -13,13 +13,17 @@ size exchange and no host read before backward.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .distributed import all_gather_cat, all_gather_cat_nograd, exchange_sizes, rank, shard_range, world_size
-from .losses import PAPER, LossConfig, LossTerm, distortion_loss, quality_loss, scene_loss
-from .model import LIQE, LIQEOutput
+from liqe_dist.dist.collectives import all_gather_cat, all_gather_cat_nograd, exchange_sizes, rank, shard_range, world_size
+from liqe_dist.models.base import LossTerm
+from liqe_dist.models.liqe.losses import PAPER, LossConfig, distortion_loss, quality_loss, scene_loss
+from liqe_dist.models.liqe.vocabulary import TASKS
 
-TASKS = ("quality", "scene", "distortion")
+if TYPE_CHECKING:
+    from liqe_dist.models.liqe.model import LIQE, LIQEOutput
 
 
 def prompt_embeddings(model: LIQE, shard: bool = True) -> torch.Tensor | None:

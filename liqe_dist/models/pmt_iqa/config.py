@@ -1,0 +1,76 @@
+"""The ``model:`` section of a PMT-IQA run (``model.family: pmt_iqa``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+#: PMT-IQA's loss terms: the easy task first (the progressive weighting's order).
+TASKS = ("classification", "regression")
+
+
+@dataclass(frozen=True)
+class PMTIQAConfig:
+    """PMT-IQA (Pan et al.): a ResNet backbone, multi-scale features, a regression and a
+    quality-class head. Defaults are the public code's (``MultiTaskIQANet(28, 112, 112, 56, 28, 14, 10)``).
+
+    ``pretrained``: ``imagenet`` loads torchvision's ImageNet ResNet weights (downloaded by
+    torchvision on the user's machine), None: random. ``checkpoint``: a project weights file.
+    ``width``: the backbone's base width (64 is ResNet-50's; tests use 8). ``crop_size``: the
+    side of the square crops the model is built for (its stage poolings are 7x7 windows: 224
+    gives 8x8, 4x4, 2x2, 1x1 cells; at least 224). ``frozen_bn``: batch norm uses its running
+    statistics and its affine parameters stay fixed while training (the usual choice when
+    fine-tuning a pretrained ResNet with small batches); False: it normalises with the
+    statistics of the global batch (exact under data parallelism).
+    """
+
+    family: Literal["pmt_iqa"] = "pmt_iqa"
+    backbone: Literal["resnet50", "resnet18"] = "resnet50"
+    pretrained: Literal["imagenet"] | None = None
+    checkpoint: str | None = None
+    width: int = 64
+    crop_size: int = 224
+    stage_features: int = 28        # each of stages 1-3 -> this many features (the paper's 28)
+    feature_size: int = 112         # all four stages concatenated
+    trunk_sizes: tuple[int, ...] = (112, 14)  # the shared FC trunk (LeakyReLU after each)
+    classes: int = 10
+    frozen_bn: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"model.precision must be one of ['fp32', 'bf16'], got {self.precision!r}")
+        if self.backbone not in ("resnet50", "resnet18"):
+            raise ValueError(f"model.backbone must be resnet50 or resnet18, got {self.backbone!r}")
+        if self.pretrained not in (None, "imagenet"):
+            raise ValueError(f"model.pretrained must be imagenet or null, got {self.pretrained!r}")
+        if self.pretrained and self.width != 64:
+            raise ValueError(f"model.width must be 64 with pretrained ImageNet weights, got {self.width}")
+        if not 1 <= self.width <= 512:
+            raise ValueError(f"model.width must be in 1..512, got {self.width}")
+        if self.crop_size < 224:
+            raise ValueError(f"model.crop_size must be >= 224 (stage 4 is pooled over 7x7 cells), got {self.crop_size}")
+        if not (1 <= self.stage_features and self.feature_size > 3 * self.stage_features):
+            raise ValueError(f"model.feature_size ({self.feature_size}) must exceed 3 x model.stage_features "
+                             f"({self.stage_features}): stage 4 gets the rest")
+        if not self.trunk_sizes or any(s < 1 for s in self.trunk_sizes):
+            raise ValueError(f"model.trunk_sizes must be positive sizes, got {list(self.trunk_sizes)}")
+        if not 2 <= self.classes <= 100:
+            raise ValueError(f"model.classes must be in 2..100, got {self.classes}")
+        if self.checkpoint is not None and not Path(self.checkpoint).is_file():
+            raise ValueError(f"model.checkpoint: no such file {self.checkpoint!r}")
+
+    @property
+    def loss_tasks(self) -> tuple[str, ...]:
+        return TASKS
+
+    @property
+    def default_schedule(self) -> str:
+        return "step"  # the public code: lr / 10 every 6 epochs
+
+    @property
+    def label(self) -> str:
+        weights = (Path(self.checkpoint).name if self.checkpoint
+                   else f"pretrained {self.pretrained}" if self.pretrained else "random")
+        return f"pmt_iqa-{self.backbone} ({weights})"
