@@ -105,6 +105,8 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
         report = verify_shards(d, decode=not args.no_decode, progress=not args.no_progress)
         for problem in report.problems:
             log.error("%s", problem)
+        for warning in report.warnings:
+            log.warning("%s", warning)
         log.info("%s: %d samples, %s", d, report.samples, "OK" if report.ok else f"{len(report.problems)} problem(s)")
         bad += not report.ok
     return 1 if bad else 0
@@ -114,6 +116,13 @@ def cmd_shards_info(args: argparse.Namespace) -> int:
     from liqe_dist.data.verify import format_table, shards_info
 
     print(format_table(shards_info(args.root)))
+    return 0
+
+
+def cmd_shards_catalog(args: argparse.Namespace) -> int:
+    from liqe_dist.data.catalog import format_catalog
+
+    print(format_catalog())
     return 0
 
 
@@ -245,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = shards.add_parser("info", help="summary table of the shard sets under a folder")
     p.add_argument("root", nargs="?", default="shards")
     p.set_defaults(func=cmd_shards_info)
+    p = shards.add_parser("catalog", help="the supported datasets: pack command, MOS scale, images in a complete pack")
+    p.set_defaults(func=cmd_shards_catalog)
 
     p = sub.add_parser("train", help="distributed training (Ray Train + DeepSpeed) from a YAML config")
     p.add_argument("--config", required=True, help="YAML file (see launch/configs/)")

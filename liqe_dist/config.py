@@ -164,10 +164,14 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 
 
 def merge(base: dict, update: dict) -> dict:
-    """``update`` merged into a copy of ``base``: mappings key by key, other values replaced."""
+    """``update`` merged into a copy of ``base``: mappings key by key, other values replaced. A
+    mapping naming another ``family`` than the base's replaces it whole (the sections of two
+    model families have different keys)."""
     out = dict(base)
     for k, v in update.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        old = out.get(k)
+        other_family = isinstance(old, dict) and isinstance(v, dict) and TAG in v and TAG in old and v[TAG] != old[TAG]
+        out[k] = merge(old, v) if isinstance(v, dict) and isinstance(old, dict) and not other_family else v
     return out
 
 

@@ -2,7 +2,8 @@
 2 workers on the CPU) -> untrained vs trained model on the test split (references unseen in
 training) -> plots and checkpoints.
 
-    bash launch/demo.sh [--config launch/configs/demo.yaml] [--out runs/demo]
+    bash launch/demo.sh [--config launch/configs/demo.yaml] [--out runs/demo] [--set KEY=VALUE ...]
+    bash launch/demo.sh --config launch/configs/demo_pmt_iqa.yaml     # the same with PMT-IQA
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from liqe_dist.config import load_yaml
+from liqe_dist.config import load_yaml, parse_overrides
 from liqe_dist.data.adapters import read_dataset
 from liqe_dist.data.packing import PackConfig, pack_records
 from liqe_dist.data.synthetic import write_synthetic_dataset
@@ -35,10 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/demo", help="folder for the dataset, shards and run")
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config (YAML)")
     ap.add_argument("--references", type=int, default=None, help="reference photographs to use (all 9)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key (dotted, value as YAML), e.g. --set epochs=2; repeatable")
     args = ap.parse_args(argv)
     setup_logging()
     out = Path(args.out)
-    cfg = load_yaml(TrainConfig, args.config)
+    cfg = load_yaml(TrainConfig, args.config, parse_overrides(args.set))
 
     print("1. synthesising the demo dataset (scikit-image photographs x 10 distortions x 5 levels)")
     table = out / "synthetic" / "labels.csv"

@@ -209,3 +209,100 @@ def cpu_engine_on_a_cuda_machine_rank(rank: int, world: int, port: int, out: str
                 "accelerator": get_accelerator().device_name(),
                 "param_dtype": str(engine.module.dtype)}, out)
     dist.destroy_process_group()
+
+
+FAMILY_WEIGHTS = {"liqe": WEIGHTS, "pmt_iqa": {"classification": 0.6, "regression": 1.4}}
+PMT_TINY = {"width": 8}
+
+
+def build_family(workdir: Path, family: str):
+    """The problem's initial model of ``family`` (:func:`make_problem`, :func:`make_pmt_init`),
+    built as training builds it: batch norm converted to its global form."""
+    from liqe_dist.dist.batchnorm import use_global_batchnorm
+
+    if family == "liqe":
+        return build_liqe(workdir)
+    from liqe_dist.models.pmt_iqa.config import PMTIQAConfig
+    from liqe_dist.models.pmt_iqa.model import PMTIQA
+
+    model = PMTIQA(PMTIQAConfig(**PMT_TINY))
+    model.load_state_dict(torch.load(workdir / "pmt_init.pt", weights_only=True))
+    use_global_batchnorm(model)
+    return model.double().train()  # float64: 50 layers of batch norm on 14 crops amplify float32 rounding
+
+
+def make_pmt_init(workdir: Path, seed: int = 0) -> None:
+    """A fixed initial PMT-IQA (tiny width) and the problem batch's MOS scaled per dataset."""
+    from liqe_dist.data.stream import unit_mos
+    from liqe_dist.models.pmt_iqa.config import PMTIQAConfig
+    from liqe_dist.models.pmt_iqa.model import PMTIQA
+
+    torch.manual_seed(seed)
+    torch.save(PMTIQA(PMTIQAConfig(**PMT_TINY)).state_dict(), workdir / "pmt_init.pt")
+    batch = torch.load(workdir / "batch.pt", weights_only=True)
+    batch["mos_unit"] = unit_mos(batch["mos"], batch["dataset"], [(1.0, 3.0), (20.0, 70.0)])
+    torch.save(batch, workdir / "batch.pt")
+    torch.save({**batch, "images": batch["images"].double()}, workdir / "batch64.pt")
+
+
+def problem_batch(family: str) -> str:
+    return "batch64.pt" if family == "pmt_iqa" else "batch.pt"
+
+
+def seam_step(model, batch: dict, family: str, step):
+    """One step through the family seam: ``training_losses`` -> weighted total -> backward/step."""
+    from liqe_dist.train.weighting import weighted_total
+
+    terms = model.training_losses(batch)
+    loss = weighted_total(terms, FAMILY_WEIGHTS[family])
+    step(loss)
+    return loss, terms
+
+
+def seam_invariance_rank(rank: int, world: int, port: int, workdir: str, family: str, stage: int | None,
+                         optim_kwargs: dict) -> None:
+    """:func:`invariance_rank` for any family, through ``IQAModel.training_losses`` only;
+    ``stage`` None: plain torch (float64 models), gradients averaged over ranks as DeepSpeed does."""
+    from liqe_dist.dist.collectives import shard_range
+    from liqe_dist.dist.engine import OptimConfig, build_engine
+
+    workdir = Path(workdir)
+    init_rank(rank, world, port)
+    batch = torch.load(workdir / problem_batch(family), weights_only=True)
+    start, stop = shard_range(batch["images"].shape[0], world, rank)
+    local = {k: v[start:stop] for k, v in batch.items()}
+    model = build_family(workdir, family)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {}
+    if stage is None:  # DeepSpeed reduces float32/bf16 gradients only: its data-parallel mean by hand
+        from liqe_dist.dist.engine import build_optimizer
+
+        opt, _ = build_optimizer(model, OptimConfig(**optim_kwargs), total_steps=10)
+
+        def step(loss):
+            loss.backward()
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+            opt.step()
+    else:
+        engine, _, _ = build_engine(model, OptimConfig(zero_stage=stage, **optim_kwargs), total_steps=10)
+        model = engine.module
+
+        def step(loss):
+            engine.backward(loss)
+            if stage == 0:
+                grads.update({n: p.grad.detach().clone() for n, p in engine.module.named_parameters()
+                              if p.grad is not None})
+            engine.step()
+
+    loss, terms = seam_step(model, local, family, step)
+    updates = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save({"loss": loss.detach(), "grads": grads, "updates": updates,
+                    "counts": {k: t.count for k, t in terms.items()}},
+                   workdir / f"seam_{family}_{world}_{stage}.pt")
+    dist.barrier()
+    dist.destroy_process_group()

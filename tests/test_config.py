@@ -101,3 +101,18 @@ def test_loss_recipe_and_knobs_are_checked_by_key():
         from_dict(TrainConfig, {**data, "model": {"family": "pmt_iqa", "loss": {"recipe": "paper"}}})
     with pytest.raises(ConfigError, match="epochs must be >= 0"):
         from_dict(TrainConfig, {**data, "epochs": -1})
+
+
+def test_a_base_model_section_of_another_family_is_replaced_not_merged(tmp_path):
+    from liqe_dist.train.config import TrainConfig
+
+    (tmp_path / "base.yaml").write_text("datasets: [{name: a, shards: shards/a}]\n"
+                                        "model: {family: liqe, name: liqe-tiny, tasks: [quality]}\n")
+    (tmp_path / "pmt.yaml").write_text("base: base.yaml\nmodel: {family: pmt_iqa, width: 8}\n")
+    (tmp_path / "liqe.yaml").write_text("base: base.yaml\nmodel: {family: liqe, quality_levels: 2}\n")
+    pmt = load_yaml(TrainConfig, tmp_path / "pmt.yaml")
+    assert pmt.model.family == "pmt_iqa" and pmt.model.width == 8
+    liqe = load_yaml(TrainConfig, tmp_path / "liqe.yaml")  # same family: merged key by key
+    assert (liqe.model.name, liqe.model.tasks, liqe.model.quality_levels) == ("liqe-tiny", ("quality",), 2)
+    with pytest.raises(ConfigError, match="unknown key model.name"):  # an override keeps the other keys
+        load_yaml(TrainConfig, tmp_path / "base.yaml", {"model.family": "pmt_iqa"})

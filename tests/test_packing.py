@@ -163,3 +163,22 @@ def test_cli_pack_verify_info(tmp_path, capsys):
     rows = shards_info(out)
     assert rows[0]["samples"] == 6
     assert main(["pack", "csv", str(tmp_path / "nope.csv"), "--out", str(out), "--no-progress"]) == 2
+
+
+def test_verify_warns_when_a_catalog_dataset_is_incomplete(tmp_path, caplog):
+    """A set named like a catalog entry (here ``live``, 779 images) with 6 images is intact but
+    incomplete: a warning, not a problem; ``shards verify`` logs it and still passes."""
+    from liqe_dist.cli import main
+    from liqe_dist.data.catalog import count_warning, load_catalog
+
+    catalog = load_catalog()
+    assert {n: e.images for n, e in catalog.items() if n in ("live", "csiq", "kadid10k", "bid", "clive", "koniq10k")} \
+        == {"live": 779, "csiq": 866, "kadid10k": 10125, "bid": 586, "clive": 1162, "koniq10k": 10073}
+    live = pack_csv(write_csv_dataset(tmp_path / "raw", n_refs=2, per_ref=3), tmp_path / "shards", "live")
+    report = verify_shards(live, progress=False)
+    assert report.ok and report.warnings == [count_warning("live", 6)]
+    assert "live: 6 images packed, a complete LIVE" in report.warnings[0] and "has 779" in report.warnings[0]
+    assert count_warning("live", 779) is None and count_warning("mine", 6) is None
+    with caplog.at_level("WARNING"):
+        assert main(["shards", "verify", str(live), "--no-progress"]) == 0
+    assert "has 779" in caplog.text

@@ -18,6 +18,7 @@ from liqe_dist.config import to_dict
 from liqe_dist.data.crops import CropConfig
 from liqe_dist.dist.engine import OptimConfig
 from liqe_dist.models.liqe.config import LIQEConfig
+from liqe_dist.models.pmt_iqa.config import PMTIQAConfig
 from liqe_dist.train.config import DatasetSpec, TrainConfig
 from liqe_dist.train.weighting import WeightingConfig
 
@@ -97,6 +98,7 @@ MODEL_VARIANTS = {
     "resnet-batchnorm": LIQEConfig(name="liqe-tiny-rn"),
     "separate-templates": LIQEConfig(name="liqe-tiny", separate_templates=True),
     "linear-head": LIQEConfig(name="liqe-tiny", head="linear", tasks=("quality",)),
+    "pmt-iqa": PMTIQAConfig(width=8),
 }
 
 
@@ -108,12 +110,13 @@ def test_saved_weights_score_as_the_run_evaluated(shards, variant):
     from liqe_dist.eval.shard_eval import evaluate_shards
 
     base, a, b = shards
+    extra = {"weighting": WeightingConfig(method="progressive")} if variant == "pmt-iqa" else {}
     cfg = config(base, a, b, name=f"saved-{variant}", model=MODEL_VARIANTS[variant], epochs=1, steps_per_epoch=3,
-                 checkpoint_every=3, eval_parts=("test",))
+                 checkpoint_every=3, eval_parts=("test",), **extra)
     mp.spawn(train_rank, args=(2, free_port(), to_dict(cfg)), nprocs=2, join=True)
     run = base / "runs" / f"saved-{variant}"
     losses = rows(run / "steps.csv")[-1]
-    assert all(float(losses[f"loss/{t}"]) > 0 for t in cfg.model.tasks)
+    assert all(float(losses[f"loss/{t}"]) > 0 for t in cfg.model.loss_tasks)
     logged = {(r["dataset"], r["key"]): float(r["score"]) for r in rows(run / "predictions" / "step-00000003.csv")}
     results = evaluate_shards(load_weights(run / "final.safetensors"), [a, b], cfg.split, "test", cfg.crops,
                               progress=False)

@@ -70,9 +70,12 @@ def labels_to_json(labels: dict) -> bytes:
     return json.dumps(labels, sort_keys=True).encode()
 
 
+#: The letter that marks each split part in a record's ``splits`` (``-``: not in that split).
+PART_CODES = {"train": "t", "val": "v", "test": "e"}
+
+
 def split_code(part: str) -> str:
     """'train' -> 't', 'val' -> 'v', 'test' -> 'e'."""
-    codes = {"train": "t", "val": "v", "test": "e"}
-    if part not in codes:
+    if part not in PART_CODES:
         raise ValueError(f"unknown split part {part!r}; expected train, val or test")
-    return codes[part]
+    return PART_CODES[part]

@@ -11,9 +11,7 @@ from collections import Counter
 
 import numpy as np
 
-from liqe_dist.data.records import Record
-
-PARTS = {"t": "train", "v": "val", "e": "test"}
+from liqe_dist.data.records import PART_CODES, Record, split_code
 
 
 def _sizes(n: int, fractions: tuple[float, float, float]) -> tuple[int, int]:
@@ -49,7 +47,8 @@ def assign_splits(records: list[Record], count: int = 10, seed: int = 0,
     for i in range(count):
         order = np.random.default_rng([seed, i]).permutation(len(groups))
         for rank, g in enumerate(order):
-            letters[groups[g]].append("t" if rank < n_train else "v" if rank < n_train + n_val else "e")
+            part = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+            letters[groups[g]].append(PART_CODES[part])
     for r in records:
         r.splits = "".join(letters[r.reference if by == "reference" else r.key])
     return split_summary(records, by=by, seed=seed, fractions=fractions)
@@ -62,14 +61,14 @@ def split_summary(records: list[Record], by: str, seed: int | None,
     counts = []
     for i in range(count):
         c = Counter(r.splits[i] for r in records)
-        counts.append({name: c.get(code, 0) for code, name in PARTS.items()})
+        counts.append({name: c.get(code, 0) for name, code in PART_CODES.items()})
     return {"count": count, "by": by, "seed": seed, "fractions": list(fractions) if fractions else None,
             "counts": counts}
 
 
 def in_part(splits: str, split: int, part: str) -> bool:
     """Whether a record with split letters ``splits`` is in ``part`` of split ``split`` (0-based)."""
-    code = {"train": "t", "val": "v", "test": "e"}[part]
+    code = split_code(part)
     if not 0 <= split < len(splits):
         raise IndexError(f"split {split} out of range: the dataset has {len(splits)} splits")
     return splits[split] == code

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from liqe_dist.data.catalog import count_warning
 from liqe_dist.data.images import ImageDecodeError, decode_image
 from liqe_dist.data.packing import MANIFEST, read_manifest
 from liqe_dist.data.stream import iter_shard
@@ -18,7 +19,8 @@ from liqe_dist.data.stream import iter_shard
 class VerifyReport:
     shard_dir: Path
     samples: int = 0
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)   # the set is damaged
+    warnings: list[str] = field(default_factory=list)   # intact, but not what the catalog expects
 
     @property
     def ok(self) -> bool:
@@ -69,6 +71,9 @@ def verify_shards(shard_dir: str | Path, decode: bool = True, progress: bool = T
         report.samples += count
     if report.samples != manifest["samples"]:
         report.problems.append(f"{shard_dir}: {report.samples} samples in shards, manifest says {manifest['samples']}")
+    warning = count_warning(manifest["dataset"], manifest["samples"])
+    if warning:
+        report.warnings.append(warning)
     return report
 
 

@@ -18,6 +18,11 @@ from liqe_dist.models.pmt_iqa.config import PMTIQAConfig
 #: The ``model:`` section of a training config: one family's config, chosen by ``family``.
 ModelConfig = Union[LIQEConfig, PMTIQAConfig]
 
+def default_model_config() -> ModelConfig:
+    """The ``model:`` section when a config has none: LIQE's defaults."""
+    return LIQEConfig()
+
+
 FAMILY_MODULES = {"liqe": "liqe_dist.models.liqe.spec", "pmt_iqa": "liqe_dist.models.pmt_iqa.spec"}
 
 

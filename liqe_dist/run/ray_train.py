@@ -29,8 +29,22 @@ def _train_loop(loop_config: dict) -> None:
     from liqe_dist.train.loop import train_worker
 
     setup_logging()
+    quiet_worker_logs()
     cfg = from_dict(TrainConfig, loop_config["config"])
     train_worker(cfg, report=ray.train.report)
+
+
+def quiet_worker_logs() -> None:
+    """Drop two lines a Ray Train worker would print every step or evaluation: Ray's echo of each
+    report (its logger is named by file path) and torch's deprecation notice for the collective
+    DeepSpeed's ZeRO calls; the run's own log lines say the same in readable form."""
+    import logging
+    import warnings
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
 _SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch for "no multi-node"

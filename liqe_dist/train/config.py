@@ -7,8 +7,7 @@ from dataclasses import dataclass, field, replace
 from liqe_dist.data.crops import CropConfig
 from liqe_dist.data.stream import DatasetSpec
 from liqe_dist.dist.engine import OptimConfig
-from liqe_dist.models.liqe.config import LIQEConfig
-from liqe_dist.models.registry import ModelConfig
+from liqe_dist.models.registry import ModelConfig, default_model_config
 from liqe_dist.train.weighting import WeightingConfig
 
 
@@ -20,7 +19,7 @@ class TrainConfig:
     """Everything a run needs; defaults are the reference recipe where it has one."""
 
     datasets: list[DatasetSpec]
-    model: ModelConfig = field(default_factory=LIQEConfig)  # model.family picks the family
+    model: ModelConfig = field(default_factory=default_model_config)  # model.family picks the family
     optim: OptimConfig = field(default_factory=OptimConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     crops: CropConfig = field(default_factory=CropConfig)

@@ -134,8 +134,13 @@ class PMTIQA(IQAModel):
         return self.cfg.crop_size
 
     def features(self, crops: torch.Tensor) -> torch.Tensor:
-        """uint8 crops ``[N, 3, S, S]`` -> multi-scale features ``[N, feature_size]``."""
-        x = normalise(crops, self.dtype, IMAGENET_MEAN, IMAGENET_STD)
+        """Crops ``[N, 3, S, S]`` -> multi-scale features ``[N, feature_size]``. uint8 crops (what
+        the data pipeline gives) are normalised here with ImageNet's statistics, on their
+        device; float crops are taken as normalised already."""
+        if crops.dtype == torch.uint8:
+            x = normalise(crops, self.dtype, IMAGENET_MEAN, IMAGENET_STD)
+        else:
+            x = crops.to(self.dtype)
         stages = self.backbone(x)
         parts = [fc(self.pool(self.reduce[k](stages[k])).flatten(1)) for k, fc in enumerate(self.stage_fc[:3])]
         parts.append(self.stage_fc[3](self.pool(stages[3]).flatten(1)))
@@ -143,14 +148,13 @@ class PMTIQA(IQAModel):
 
     def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 crops ``[B, U, 3, S, S]`` -> (q ``[B, U]`` regressed quality in MOS/[0, 1] units,
-        class logits ``[B, U, classes]``), both float32, one row per crop."""
+        class logits ``[B, U, classes]``), at least float32, one row per crop."""
         b, u = crops.shape[:2]
         if crops.shape[-1] != self.cfg.crop_size or crops.shape[-2] != self.cfg.crop_size:
             raise ValueError(f"PMT-IQA built for {self.cfg.crop_size} px crops got {tuple(crops.shape[-2:])}")
         h = self.trunk(self.features(crops.flatten(0, 1)))
-        q = self.regression(h).float().view(b, u)
-        logits = self.classification(h).float().view(b, u, -1)
-        return q, logits
+        out = torch.promote_types(h.dtype, torch.float32)  # bf16 -> float32, float64 stays
+        return self.regression(h).to(out).view(b, u), self.classification(h).to(out).view(b, u, -1)
 
     def training_losses(self, batch: dict, rank_sizes: list[int] | None = None) -> dict[str, LossTerm]:
         from liqe_dist.models.pmt_iqa.objective import pmt_losses
