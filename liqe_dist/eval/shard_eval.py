@@ -7,6 +7,7 @@ label found among the model's top-k scenes. Distortion accuracy: argmax equals t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,7 +136,12 @@ def table_row(label: str, ev: DatasetEval) -> str:
     """One line of the results table (``TABLE_HEADER``) for dataset result ``ev`` of model ``label``."""
     q = ev.quality
     return (f"{ev.dataset:<11}{label:<26}{q.n:>7}{q.srcc:>8.3f}{q.plcc:>8.3f}"
-            f"{ev.scene_accuracy:>11.3f}{ev.distortion_accuracy:>10.3f}")
+            f"{_accuracy(ev.scene_accuracy):>11}{_accuracy(ev.distortion_accuracy):>10}")
+
+
+def _accuracy(value: float) -> str:
+    """An accuracy for the table; "-" where there is none (no such head, or no such labels)."""
+    return "-" if math.isnan(value) else f"{value:.3f}"
 
 
 def write_results(results: dict[str, DatasetEval], out_dir: str | Path, part: str) -> None:

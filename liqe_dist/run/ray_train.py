@@ -47,6 +47,17 @@ def quiet_worker_logs() -> None:
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
+def quiet_ray_process() -> None:
+    """Run in every Ray process (``worker_process_setup_hook``). Train V2's placement-group
+    cleaner asks Ray's state API, served by the dashboard, whether the controller still lives;
+    without the dashboard (not installed here) it warns every second for the whole run."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+RUNTIME_ENV = {"worker_process_setup_hook": "liqe_dist.run.ray_train.quiet_ray_process"}
+
 _SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch for "no multi-node"
 
 
@@ -60,7 +71,7 @@ def start_local_cluster(cpus: int) -> None:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=RUNTIME_ENV)
     node_ip = ray.util.get_node_ip_address()
     if node_ip != "127.0.0.1":
         ray.shutdown()
@@ -78,7 +89,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, runtime_env=RUNTIME_ENV)
         else:
             start_local_cluster(max(os.cpu_count() or 1, int(cfg.workers * cfg.resolved_cpus_per_worker) + 1))
     run_dir = Path(cfg.run_dir).resolve()
