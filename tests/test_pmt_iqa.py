@@ -163,3 +163,28 @@ def test_score_command_detects_the_family(tiny, tmp_path):
     direct = Scorer(tiny, device="cpu").score([str(tmp_path / "img0.png"), str(tmp_path / "img1.png")])
     assert Scorer(tiny, device="cpu").crops == CropConfig(eval_crops=4)  # the public code's 4 test crops
     assert [float(r["quality"]) for r in rows] == pytest.approx([d.quality for d in direct], abs=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "resnet18"])
+def test_backbone_takes_torchvisions_imagenet_state_dict(backbone, monkeypatch):
+    """``pretrained: imagenet`` loads torchvision's ResNet state dict (classifier dropped) with
+    strict=True: same names and shapes. torchvision is asked for IMAGENET1K_V1 (the weights the
+    public code loads); the download is replaced here by the same architecture's random weights."""
+    import torchvision
+
+    from liqe_dist.models.pmt_iqa import spec
+
+    asked, served = [], []
+    real = getattr(torchvision.models, backbone)
+
+    def fake(weights=None):
+        asked.append(weights)
+        served.append(real(weights=None))
+        return served[-1]
+
+    monkeypatch.setattr(torchvision.models, backbone, fake)
+    model = spec.build(PMTIQAConfig(backbone=backbone, pretrained="imagenet"))
+    assert asked == ["IMAGENET1K_V1"]
+    expected = {k: v for k, v in served[0].state_dict().items() if not k.startswith("fc.")}
+    got = model.backbone.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
