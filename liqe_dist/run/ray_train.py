@@ -19,6 +19,7 @@ from pathlib import Path
 from liqe_dist.config import from_dict, to_dict
 from liqe_dist.data.packing import read_manifest
 from liqe_dist.hardware import process_group_backend
+from liqe_dist.run.ray_process import RUNTIME_ENV
 from liqe_dist.train.config import TrainConfig
 
 
@@ -46,17 +47,6 @@ def quiet_worker_logs() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
-
-def quiet_ray_process() -> None:
-    """Run in every Ray process (``worker_process_setup_hook``). Train V2's placement-group
-    cleaner asks Ray's state API, served by the dashboard, whether the controller still lives;
-    without the dashboard (not installed here) it warns every second for the whole run."""
-    import logging
-
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-
-
-RUNTIME_ENV = {"worker_process_setup_hook": "liqe_dist.run.ray_train.quiet_ray_process"}
 
 _SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch for "no multi-node"
 
