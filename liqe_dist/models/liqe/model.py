@@ -24,7 +24,7 @@ from torch import nn
 
 from liqe_dist.data.crops import normalise
 from liqe_dist.data.labels import VOCABULARY_VERSION
-from liqe_dist.models.base import PRECISIONS, IQAModel, LossTerm, Prediction  # noqa: F401
+from liqe_dist.models.base import IQAModel, LossTerm, Prediction
 from liqe_dist.models.liqe.losses import PAPER, LossConfig
 from liqe_dist.models.liqe.objective import step_losses
 from liqe_dist.models.liqe.text_encoder import cut_tokens, encode_tokens
