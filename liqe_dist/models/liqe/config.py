@@ -9,7 +9,7 @@ from typing import Literal
 import open_clip
 
 from liqe_dist.models.liqe.losses import LossConfig
-from liqe_dist.models.liqe.model import MODEL_CONFIG_DIR, resolve_quick_gelu  # noqa: F401 (registers configs)
+from liqe_dist.models.liqe.model import resolve_quick_gelu  # importing the model registers the project configs
 from liqe_dist.models.liqe.vocabulary import TASKS, Vocabulary
 
 
