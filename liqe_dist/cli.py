@@ -154,6 +154,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from liqe_dist.config import parse_overrides
+    from liqe_dist.tune.config import load_search
+    from liqe_dist.tune.results import markdown_table, summary_columns
+    from liqe_dist.tune.search import run_search
+
+    search = load_search(args.config, parse_overrides(args.set))
+    rows = run_search(search, address=args.address)
+    exp = search.experiment_dir
+    print(f"\n{search.name}: {len(rows)} trial(s), best first by {search.metric} ({search.mode})\n")
+    print(markdown_table(rows, summary_columns(search)))
+    print(f"\nresults: {exp}/results.csv, results.md; plot: {exp}/search.png")
+    if (exp / "best.yaml").exists():
+        print(f"best config: {exp}/best.yaml  (liqe-dist train --config {exp}/best.yaml)")
+    return 0
+
+
+def cmd_protocol(args: argparse.Namespace) -> int:
+    from liqe_dist.config import parse_overrides
+    from liqe_dist.tune.protocol import load_protocol, run_protocol
+
+    protocol = load_protocol(args.config, parse_overrides(args.set))
+    report = run_protocol(protocol, address=args.address)
+    print("\n" + report.read_text())
+    print(f"report: {report}, {report.with_suffix('.csv')}; trials: {report.parent}/results.csv")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from liqe_dist.config import ConfigError, from_dict
+    from liqe_dist.tune.config import SearchConfig
+    from liqe_dist.tune.protocol import PROTOCOL_FILE, write_report
+    from liqe_dist.tune.results import markdown_table, summary_columns, write_results
+    from liqe_dist.tune.search import SEARCH_FILE
+
+    exp = Path(args.dir)
+    if not (exp / SEARCH_FILE).is_file():
+        raise ConfigError(f"{exp}: not a search or protocol folder (no {SEARCH_FILE})")
+    search = from_dict(SearchConfig, json.loads((exp / SEARCH_FILE).read_text()))
+    search = dataclasses.replace(search, storage=str(exp.resolve().parent), name=exp.resolve().name)  # moved folders
+    rows = write_results(search)
+    print(markdown_table(rows, summary_columns(search)))
+    if (exp / PROTOCOL_FILE).is_file() or "split" in search.search_space:
+        print("\n" + write_report(exp).read_text())
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -193,7 +243,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("no shard sets: give SHARDS or --config")
     results = evaluate_shards(model.to(device), shards, split, args.part, crops, batch, args.workers,
                               progress=not args.no_progress)
-    print(f"\n{args.part} part of split {split}, {crops.eval_crops} crops per image\n")
+    what = "whole sets" if args.part == "all" else f"{args.part} part of split {split}"
+    print(f"\n{what}, {crops.eval_crops} crops per image\n")
     print(TABLE_HEADER)
     for ev in results.values():
         print(table_row(label[:25], ev))
@@ -265,6 +316,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key (dotted, value as YAML), e.g. --set optim.lr=1e-5; repeatable")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("tune", help="hyper-parameter search: Ray Tune trials, each a distributed training",
+                       description="Run the search a SEARCH.yaml describes (see launch/configs/tune_demo.yaml); "
+                                   "running it again after the driver died resumes it.")
+    p.add_argument("--config", required=True, help="search file (YAML)")
+    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a search key, e.g. --set num_samples=4 or --set train.epochs=2; repeatable")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("protocol", help="the paper's protocol: train every split (x variants), report medians",
+                       description="Train every split (and variant) of PROTOCOL.yaml as a search, then write the "
+                                   "report: per dataset the median SRCC/PLCC over splits (see "
+                                   "launch/configs/protocol_demo.yaml).")
+    p.add_argument("--config", required=True, help="protocol file (YAML)")
+    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a protocol key")
+    p.set_defaults(func=cmd_protocol)
+
+    p = sub.add_parser("report", help="rebuild a search's results (and a protocol's report) from its folder")
+    p.add_argument("dir", help="the experiment folder (STORAGE/NAME)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("eval", help="evaluate a model on packed shard sets (SRCC/PLCC, scene/distortion accuracy)",
                        description="Evaluate the model a training config builds (e.g. pretrained CLIP, zero-shot), "
                                    "or a checkpoint, on shard sets; without --config, name the shard sets.")
@@ -278,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=2, help="decoding processes")
     p.add_argument("--split", type=int, help="which of the ten splits (0-based; default: the config's, or 0)")
-    p.add_argument("--part", choices=["train", "val", "test"], default="test")
+    p.add_argument("--part", choices=["train", "val", "test", "all"], default="test",
+                   help="which part of the split; all: every image (cross-dataset evaluation)")
     p.add_argument("--out", help="write metrics.csv, predictions.csv and scatter.png here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)

@@ -67,7 +67,10 @@ def split_summary(records: list[Record], by: str, seed: int | None,
 
 
 def in_part(splits: str, split: int, part: str) -> bool:
-    """Whether a record with split letters ``splits`` is in ``part`` of split ``split`` (0-based)."""
+    """Whether a record with split letters ``splits`` is in ``part`` of split ``split`` (0-based);
+    part ``all``: every record (a whole dataset, for cross-dataset evaluation)."""
+    if part == "all":
+        return True
     code = split_code(part)
     if not 0 <= split < len(splits):
         raise IndexError(f"split {split} out of range: the dataset has {len(splits)} splits")

@@ -161,12 +161,34 @@ def build_engine(model: nn.Module, cfg: OptimConfig, total_steps: int, steps_per
     model = model.to(device)
     opt, sched = build_optimizer(model, cfg, total_steps, steps_per_epoch)
     config = ds_config(cfg, use_gpu)
+    use_current_collectives()
     exact = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad} \
         if config["bf16"]["enabled"] else {}
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
+    use_current_collectives()  # DeepSpeed created its backend just now when no group existed
     if exact:  # DeepSpeed starts its float32 masters from the bf16-rounded weights; start from the real ones
         set_master_weights(engine, exact)
     return engine, opt, sched
+
+
+def use_current_collectives() -> None:
+    """Point DeepSpeed's communication backend at torch's current collectives. DeepSpeed 0.19
+    picks ``all_gather_into_tensor``/``reduce_scatter_tensor``, which torch 2.14 deprecates
+    (a FutureWarning on every ZeRO gather) in favour of ``all_gather_single``/
+    ``reduce_scatter_single``: the same operations, the same arguments."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed import comm
+
+    if dist.is_initialized():  # DeepSpeed wraps the existing group; before its first collective
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+    backend = comm.comm.cdb
+    if backend is None:
+        return
+    if hasattr(dist, "all_gather_single"):
+        backend.all_gather_function = dist.all_gather_single
+    if hasattr(dist, "reduce_scatter_single"):
+        backend.reduce_scatter_function = dist.reduce_scatter_single
 
 
 def _unfused_masters(opt) -> dict[int, torch.Tensor]:

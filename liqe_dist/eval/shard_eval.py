@@ -105,7 +105,7 @@ def evaluate_shards(model: IQAModel, shard_dirs: list[str | Path], split: int = 
                     crops: CropConfig = CropConfig(), batch_images: int = 8, workers: int = 0,
                     rank: int = 0, world: int = 1, progress: bool = True,
                     device: str | torch.device | None = None) -> dict[str, DatasetEval]:
-    """Score every image of ``part`` of split ``split`` in each shard set (this rank's share
+    """Score every image of ``part`` of split ``split`` (``all``: the whole set) in each shard set (this rank's share
     when ``world`` > 1) and compute the criteria; keyed by dataset name. ``device``: where the
     model runs (default: where its weights are); ``workers``: decoding processes."""
     model.eval()
@@ -114,7 +114,8 @@ def evaluate_shards(model: IQAModel, shard_dirs: list[str | Path], split: int = 
     for d, shard_dir in enumerate(shard_dirs):
         manifest = read_manifest(Path(shard_dir))
         ev = DatasetEval(manifest["dataset"])
-        total = manifest["splits"]["counts"][split][part]
+        counts = manifest["splits"]["counts"][split]
+        total = sum(counts.values()) if part == "all" else counts[part]
         loader = DataLoader(EvalSamples(shard_dir, split, part, crops, rank, world, dataset_id=d),
                             batch_size=batch_images, num_workers=workers, collate_fn=collate_eval,
                             pin_memory=device.type == "cuda")

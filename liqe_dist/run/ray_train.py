@@ -13,40 +13,34 @@ checkpoint that every rank finished.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from pathlib import Path
 
 from liqe_dist.config import from_dict, to_dict
 from liqe_dist.data.packing import read_manifest
 from liqe_dist.hardware import process_group_backend
-from liqe_dist.run.ray_process import RUNTIME_ENV
 from liqe_dist.train.config import TrainConfig
 
 
 def _train_loop(loop_config: dict) -> None:
     import ray.train
 
-    from liqe_dist.console import setup_logging
+    from liqe_dist.console import route_worker_output, setup_logging
     from liqe_dist.train.loop import train_worker
 
     setup_logging()
-    quiet_worker_logs()
     cfg = from_dict(TrainConfig, loop_config["config"])
+    route_worker_output(Path(cfg.run_dir) / "logs", ray.train.get_context().get_world_rank())
     train_worker(cfg, report=ray.train.report)
 
 
-def quiet_worker_logs() -> None:
-    """Drop two lines a Ray Train worker would print every step or evaluation: Ray's echo of each
-    report (its logger is named by file path) and torch's deprecation notice for the collective
-    DeepSpeed's ZeRO calls; the run's own log lines say the same in readable form."""
-    import logging
-    import warnings
-
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-
+# Workers' output stays in their run folders (console.route_worker_output) and Ray's session logs;
+# the driver shows the run's own lines (console.follow_console), Ray's from WARNING up.
+QUIET = {"log_to_driver": False, "logging_level": logging.WARNING}
+# Token authentication being on is the safe default, not news; Ray says so at every start.
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 _SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch for "no multi-node"
 
@@ -61,45 +55,83 @@ def start_local_cluster(cpus: int) -> None:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=RUNTIME_ENV)
+    logging.getLogger(TOKEN_NOTICE_LOGGER).setLevel(logging.ERROR)
+    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **QUIET)
     node_ip = ray.util.get_node_ip_address()
     if node_ip != "127.0.0.1":
         ray.shutdown()
         raise RuntimeError(f"the local Ray cluster registered at {node_ip}, not 127.0.0.1")
 
 
-def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
-    """Train with ``cfg.workers`` Ray Train workers; returns the last reported metrics."""
+def connect(address: str | None, cpus: float) -> None:
+    """Join the cluster at ``address``, or start a private local one with at least ``cpus`` CPUs
+    (this machine's count when larger: a run asks for what it needs, not what there is)."""
     import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if ray.is_initialized():
+        return
+    if address:
+        logging.getLogger(TOKEN_NOTICE_LOGGER).setLevel(logging.ERROR)
+        ray.init(address=address, **QUIET)
+    else:
+        start_local_cluster(max(os.cpu_count() or 1, math.ceil(cpus)))
+
+
+def absolute_paths(cfg: TrainConfig) -> dict:
+    """``cfg`` as a dict with its run folder and shard sets as absolute paths: Ray workers start
+    in their own folders, where relative paths would find neither."""
+    out = to_dict(cfg)
+    out["out_dir"] = str(Path(cfg.out_dir).resolve())
+    for d in out["datasets"]:
+        d["shards"] = str(Path(d["shards"]).resolve())
+    return out
+
+
+def make_trainer(cfg: TrainConfig, callbacks: list | None = None):
+    """The TorchTrainer of one run: ``cfg.workers`` workers running :func:`_train_loop`; Ray
+    Train's own files go next to the run folder (``OUT_DIR/ray/NAME``)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class Trainer(TorchTrainer):
+        """Train V2's placement-group cleaner asks the dashboard's state API whether its run's
+        controller lives; without the dashboard (not installed: ``ray`` without ``[default]``)
+        it can never tell, so it never cleans up and never exits (one idle process per stopped
+        trial, warning every second). A plain run's group ends with its driver; a search removes
+        a stopped trial's group itself (:mod:`liqe_dist.tune.cleanup`)."""
+
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
 
     for d in cfg.datasets:  # fail here, once, rather than in every worker of every restart
         read_manifest(Path(d.shards))
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=True, runtime_env=RUNTIME_ENV)
-        else:
-            start_local_cluster(max(os.cpu_count() or 1, int(cfg.workers * cfg.resolved_cpus_per_worker) + 1))
     run_dir = Path(cfg.run_dir).resolve()
-    cfg_dict = to_dict(cfg)
-    # Ray workers start in their own folders: relative paths would not find the run or the shards.
-    cfg_dict["out_dir"] = str(Path(cfg.out_dir).resolve())
-    for d in cfg_dict["datasets"]:
-        d["shards"] = str(Path(d["shards"]).resolve())
-    trainer = TorchTrainer(
+    return Trainer(
         _train_loop,
-        train_loop_config={"config": cfg_dict},
+        train_loop_config={"config": absolute_paths(cfg)},
         torch_config=TorchConfig(backend=process_group_backend(cfg.use_gpu)),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.resolved_cpus_per_worker},
                                      placement_strategy=cfg.placement),
         run_config=RunConfig(name=cfg.name, storage_path=str(run_dir.parent / "ray"),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             callbacks=callbacks or []),
     )
-    trainer.fit()
-    return run_summary(run_dir)
+
+
+def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
+    """Train with ``cfg.workers`` Ray Train workers; returns the run's summary (:func:`run_summary`)."""
+    for d in cfg.datasets:  # before a cluster starts
+        read_manifest(Path(d.shards))
+    connect(address, cfg.workers * cfg.resolved_cpus_per_worker + 1)
+    from liqe_dist.console import follow_console
+
+    with follow_console(Path(cfg.run_dir) / "logs"):
+        make_trainer(cfg).fit()
+    return run_summary(cfg.run_dir)
 
 
 def run_summary(run_dir: str | Path) -> dict:

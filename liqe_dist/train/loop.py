@@ -38,6 +38,7 @@ from liqe_dist.dist.batchnorm import use_global_batchnorm
 from liqe_dist.hardware import move_batch
 from liqe_dist.dist.engine import build_engine
 from liqe_dist.eval.shard_eval import DatasetEval, evaluate_shards
+from liqe_dist.files import atomic_path
 from liqe_dist.models.base import IQAModel, LossTerm
 from liqe_dist.models.registry import build_model
 from liqe_dist.data.stream import TrainBatches
@@ -90,18 +91,27 @@ def _eval_metrics(results: dict[str, DatasetEval], part: str, heads: dict) -> di
 
 
 def _write_rank_info(folder: Path, r: int) -> None:
-    """``ranks/rank-R.json``: which process and node run rank R (for operators, and for the tests
+    """``ranks/rank-R.json``: which process and node run rank R, and the Ray placement group it
+    runs in (for operators, for a search to remove a stopped trial's group, and for the tests
     that kill a rank or check placement)."""
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "node_ip": None}
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "node_ip": None, "placement_group": None}
     try:
         import ray
 
         if ray.is_initialized():
             info["node_ip"] = ray.util.get_node_ip_address()
+            group = ray.util.get_current_placement_group()
+            info["placement_group"] = group.id.hex() if group is not None else None
     except ImportError:
         pass
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"rank-{r}.json").write_text(json.dumps(info))
+
+
+def write_best(run_dir: Path, best: dict) -> None:
+    """``best.json``: the step with the highest mean val SRCC so far and its val/test criteria."""
+    with atomic_path(run_dir / "best.json") as tmp:
+        tmp.write_text(json.dumps(best, indent=1))
 
 
 def step_record(loss: torch.Tensor, terms: dict[str, LossTerm], batch: dict, lam: dict[str, float],
@@ -176,6 +186,8 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
             best = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
             best["step"] = step
             save_run_weights(engine, run_dir / "best.safetensors", r, extra={"step": step})
+            if r == 0:  # kept current: a run stopped early (a search's ASHA) still has its best
+                write_best(run_dir, best)
 
     if cfg.total_steps == 0:  # zero-shot (Table 4, row 1): evaluate the model as built
         metrics = {"step": 0, "epoch": 0}
@@ -220,7 +232,7 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
             report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     save_run_weights(engine, run_dir / "final.safetensors", r, extra={"step": step})
     if r == 0:
-        (run_dir / "best.json").write_text(json.dumps(best, indent=1))
+        write_best(run_dir, best)
         runlog.plots()
     runlog.event({"event": "finish", "step": step})
     return {**metrics, **{f"best/{k}": v for k, v in best.items()}}

@@ -1,0 +1,295 @@
+"""Searches and the paper's protocol: Ray Tune trials that are each a 2-worker DeepSpeed training
+(real local Ray clusters, the tiny model, packed shards), and their configuration errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from liqe_dist.config import ConfigError
+from shard_fixtures import pack_csv, write_csv_dataset
+
+LIQE_DIST = str(Path(sys.executable).parent / "liqe-dist")
+
+
+@pytest.fixture(scope="module")
+def shard_sets(tmp_path_factory):
+    """Two packed sets: ``a`` (20 references: val and test parts of 4 images) and ``b``."""
+    root = tmp_path_factory.mktemp("tune-shards")
+    a = pack_csv(write_csv_dataset(root / "a", n_refs=20, per_ref=2, size=(224, 232)), root / "shards", "a",
+                 shard_max_count=10)
+    b = pack_csv(write_csv_dataset(root / "b", n_refs=5, per_ref=2, size=(224, 232)), root / "shards", "b",
+                 shard_max_count=10)
+    return a, b
+
+
+def train_keys(shards: Path, **changes) -> dict:
+    keys = {"name": "t", "datasets": [{"name": "a", "shards": str(shards), "batch_size": 2}],
+            "model": {"family": "liqe", "name": "liqe-tiny"}, "optim": {"lr": 1.0e-4, "zero_stage": 1},
+            "crops": {"train_crops": 1, "eval_crops": 1}, "epochs": 2, "steps_per_epoch": 4,
+            "checkpoint_every": 2, "workers": 2, "shuffle_buffer": 4}
+    keys.update(changes)
+    return keys
+
+
+def write_search(path: Path, train: dict, **keys) -> Path:
+    path.write_text(yaml.safe_dump({"train": train, **keys}, sort_keys=False))
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def events(trial_dir: Path) -> list[str]:
+    return [json.loads(line)["event"] for line in (trial_dir / "events.jsonl").read_text().splitlines()]
+
+
+# --- configuration errors: at start, the key named ---------------------------------------------
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"search_space": {"optim.lrx": {"grid": [1e-4]}}}, "search_space.optim.lrx"),
+    ({"search_space": {"optim.lr": {"uniform": [1e-3, 1e-4]}}}, "search_space.optim.lr: uniform: expected [low, high]"),
+    ({"search_space": {"optim.lr": {"grid": [1e-4], "choice": [1e-3]}}}, "search_space.optim.lr: expected exactly one"),
+    ({"search_space": {"optim.lr": {"gaussian": [0, 1]}}}, "unknown key search_space.optim.lr.gaussian"),
+    ({"search_space": {"optim.lr": {"grid": [-1.0]}}}, "search_space.optim.lr = -1.0"),
+    ({"search_space": {"optim.zero_stage": {"randint": [0, 4]}}}, "search_space.optim.zero_stage = 3"),
+    ({"metric": "val/koniq/srcc"}, "metric: training does not report 'val/koniq/srcc'"),
+    ({"scheduler": {"kind": "pbt"}}, "a Ray Train V2 trial cannot be paused"),
+    ({"variants": {"x": {"model.taskz": ["quality"]}}}, "variants.x: unknown key model.taskz"),
+])
+def test_search_config_errors_name_the_key(tmp_path, shard_sets, change, message):
+    from liqe_dist.tune.config import load_search
+
+    keys = {"search_space": {"optim.lr": {"grid": [1e-4, 1e-3]}}, **change}
+    path = write_search(tmp_path / "s.yaml", train_keys(shard_sets[0]), **keys)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_search(path)
+
+
+def test_optuna_without_optuna_is_a_clear_error(tmp_path, shard_sets):
+    from liqe_dist.tune.config import load_search
+
+    pytest.importorskip("ray.tune.search.optuna")
+    try:
+        import optuna  # noqa: F401
+        pytest.skip("optuna is installed")
+    except ImportError:
+        pass
+    path = write_search(tmp_path / "s.yaml", train_keys(shard_sets[0]), search_alg="optuna",
+                        search_space={"optim.lr": {"loguniform": [1e-5, 1e-3]}})
+    with pytest.raises(ConfigError, match="search_alg: optuna is not installed"):
+        load_search(path)
+
+
+def test_train_file_is_read_relative_to_the_search_file_and_set_overrides(tmp_path, shard_sets):
+    from liqe_dist.config import parse_overrides
+    from liqe_dist.tune.config import load_search
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "train.yaml").write_text(yaml.safe_dump(train_keys(shard_sets[0])))
+    path = tmp_path / "conf" / "s.yaml"
+    path.write_text(yaml.safe_dump({"train": "train.yaml", "search_space": {"optim.lr": {"grid": [1e-4, 1e-3]}}}))
+    search = load_search(path, parse_overrides(["train.epochs=5", "num_samples=3"]))
+    assert search.num_samples == 3
+    assert search.trial_config({"optim.lr": 1e-3}).epochs == 5
+    assert search.trial_config({"optim.lr": 1e-3}).optim.lr == 1e-3
+
+
+def test_a_changed_search_is_refused_naming_the_change(tmp_path, shard_sets):
+    import dataclasses
+
+    from liqe_dist.tune.config import load_search
+    from liqe_dist.tune.search import SEARCH_FILE, check_experiment, with_absolute_paths
+    from liqe_dist.tune.config import search_dict
+
+    path = write_search(tmp_path / "s.yaml", train_keys(shard_sets[0]), storage=str(tmp_path / "runs"),
+                        search_space={"optim.lr": {"grid": [1e-4, 1e-3]}})
+    search = with_absolute_paths(load_search(path))
+    assert not check_experiment(search)
+    search.experiment_dir.mkdir(parents=True)
+    (search.experiment_dir / SEARCH_FILE).write_text(json.dumps(search_dict(search)))
+    assert check_experiment(search)  # the same search: restored
+    changed = dataclasses.replace(search, search_space={**search.search_space,
+                                                        "optim.lr": type(search.search_space["optim.lr"])(grid=[1e-2])})
+    with pytest.raises(ConfigError, match=r"search_space\.optim\.lr\.grid: \[0\.0001, 0\.001\] -> \[0\.01\]"):
+        check_experiment(changed)
+
+
+def test_reported_metrics_are_the_ones_all_ranks_agree_on():
+    from liqe_dist.tune.trial import agreed_metrics
+
+    ranks = [{"loss": 0.5, "val/mean_srcc": float("nan"), "step_seconds": 1.0},
+             {"loss": 0.5, "val/mean_srcc": float("nan"), "step_seconds": 3.0}]
+    assert agreed_metrics(ranks)["step_seconds"] == 2.0
+    assert agreed_metrics(ranks)["loss"] == 0.5
+    ranks[1]["loss"] = 0.25
+    with pytest.raises(RuntimeError, match=r"ranks reported different loss: \[0\.5, 0\.25\]"):
+        agreed_metrics(ranks)
+
+
+def test_protocol_report_medians_from_split_values(tmp_path):
+    """The report's statistics on hand-made trial folders (no training)."""
+    from liqe_dist.tune.protocol import write_report
+
+    values = {0: 0.70, 1: 0.90, 2: 0.80, 3: 0.60}
+    for i, (split, srcc) in enumerate(values.items()):
+        trial = tmp_path / f"trial_{i:05d}"
+        trial.mkdir()
+        (trial / "params.json").write_text(json.dumps({"split": split}))
+        (trial / "best.json").write_text(json.dumps({"test/a/srcc": srcc, "test/a/plcc": srcc + 0.05,
+                                                     "val/a/srcc": 0.1, "step": 4}))
+    report = write_report(tmp_path)
+    rows = {(r["dataset"], r["criterion"]): r for r in read_rows(tmp_path / "report.csv")}
+    assert float(rows["a", "srcc"]["median"]) == pytest.approx(0.75)
+    assert float(rows["a", "plcc"]["median"]) == pytest.approx(0.80)
+    assert float(rows["a", "srcc"]["std"]) == pytest.approx(np.std(list(values.values()), ddof=1))
+    assert "| model | 0.750 / 0.800 |" in report.read_text()
+
+
+# --- real searches ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def local_cluster():
+    import ray
+
+    from liqe_dist.run.ray_train import start_local_cluster
+
+    start_local_cluster(3)  # one trial of 2 workers x 1 CPU at a time, and room for the trials' drivers
+    yield ray
+    ray.shutdown()
+
+
+def live_groups_in_cluster(ray) -> list[str]:
+    return sorted(k for k, v in ray.util.placement_group_table().items() if v["state"] != "REMOVED")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_asha_stops_a_hopeless_trial_and_frees_its_workers(tmp_path, shard_sets, local_cluster):
+    """lr 1e-12 leaves the loss where it starts (~1.15; the others reach ~0.8 within an epoch):
+    ASHA stops that trial at its first rung. Afterwards no placement group is left (Train V2
+    used to keep a stopped trial's: the next trial never got its workers) and a second search
+    on the same cluster runs."""
+    from liqe_dist.tune.config import load_search
+    from liqe_dist.tune.search import run_search
+
+    ray = local_cluster
+    path = write_search(tmp_path / "s.yaml", train_keys(shard_sets[0]), name="asha", storage=str(tmp_path / "runs"),
+                        metric="loss", mode="min", search_space={"optim.lr": {"grid": [1e-3, 3e-4, 1e-12]}},
+                        scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2})
+    rows = run_search(load_search(path))
+    exp = tmp_path / "runs" / "asha"
+    table = {r["trial"]: r for r in read_rows(exp / "results.csv")}
+    assert len(table) == len(rows) == 3
+    losses = [float(r["loss"]) for r in rows]
+    assert losses == sorted(losses)  # best (lowest) first
+    assert table["trial_00000"]["status"] == "finished" and table["trial_00000"]["epochs"] == "2"  # first at the rung
+    assert table["trial_00002"]["status"] == "stopped early" and table["trial_00002"]["epochs"] == "1"
+    assert float(table["trial_00002"]["optim.lr"]) == 1e-12 and float(table["trial_00002"]["loss"]) > 1.0
+    assert table["trial_00001"]["status"] in ("finished", "stopped early")
+    # What Tune saw is what the run wrote (the agreed report, not a rank's own numbers).
+    last = json.loads((exp / "trial_00000" / "result.json").read_text().splitlines()[-1])
+    steps = read_rows(exp / "trial_00000" / "steps.csv")
+    assert last["loss"] == pytest.approx(float(steps[-1]["loss"]), rel=1e-12)
+    assert (exp / "best.yaml").exists() and (exp / "search.png").stat().st_size > 0
+    assert "| trial_00002 | stopped early | 1e-12 | 1 |" in (exp / "results.md").read_text()
+
+    assert live_groups_in_cluster(ray) == []
+    assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
+    again = write_search(tmp_path / "again.yaml", train_keys(shard_sets[0], epochs=1, steps_per_epoch=2),
+                         name="again", storage=str(tmp_path / "runs"), search_space={"seed": {"grid": [1]}})
+    (row,) = run_search(load_search(again))
+    assert row["status"] == "finished"
+    assert live_groups_in_cluster(ray) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_killed_search_resumes_where_it_stopped(tmp_path, shard_sets):
+    """SIGKILL the ``liqe-dist tune`` driver while its second trial trains, run the command again:
+    the finished trial is not rerun, the other continues from its checkpoint, each step once."""
+    path = write_search(tmp_path / "s.yaml", train_keys(shard_sets[0], steps_per_epoch=3), name="killed",
+                        storage=str(tmp_path / "runs"), metric="loss", mode="min",
+                        search_space={"optim.lr": {"grid": [1e-3, 3e-4]}})
+    exp = tmp_path / "runs" / "killed"
+    cmd = [LIQE_DIST, "tune", "--config", str(path)]
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    while not (exp / "trial_00001" / "checkpoints" / "step-00000002" / "rank-1.pt").exists():
+        assert driver.poll() is None, driver.stdout.read().decode()
+        assert time.time() < deadline, "the second trial never checkpointed"
+        time.sleep(0.5)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert events(exp / "trial_00000") == ["start", "finish"]
+    assert "finish" not in events(exp / "trial_00001")
+    time.sleep(10)  # the dead driver's cluster winds down
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resuming" in done.stderr
+    assert "| trial_00000 | finished |" in done.stdout and "| trial_00001 | finished |" in done.stdout
+    assert events(exp / "trial_00000") == ["start", "finish"]  # not rerun
+    assert events(exp / "trial_00001")[-2:] == ["resume", "finish"]
+    for trial in ("trial_00000", "trial_00001"):
+        steps = [int(r["step"]) for r in read_rows(exp / trial / "steps.csv")]
+        assert steps == list(range(1, 7)), (trial, steps)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_protocol_over_three_splits_reports_medians_and_cross_dataset(tmp_path, shard_sets, local_cluster, capsys):
+    from liqe_dist.cli import main
+    from liqe_dist.tune.protocol import load_protocol, run_protocol
+
+    a, b = shard_sets
+    path = tmp_path / "protocol.yaml"
+    path.write_text(yaml.safe_dump({"train": train_keys(a, epochs=1, steps_per_epoch=2), "splits": [0, 1, 2],
+                                    "cross_dataset": [str(b)], "name": "p", "storage": str(tmp_path / "runs")}))
+    report = run_protocol(load_protocol(path))
+    exp = report.parent
+    per_split: dict[str, list[float]] = {"srcc": [], "plcc": []}
+    for trial in sorted(exp.glob("trial_*")):
+        best = json.loads((trial / "best.json").read_text())
+        for c in per_split:
+            per_split[c].append(best[f"test/a/{c}"])
+    assert sorted(json.loads((t / "params.json").read_text())["split"] for t in exp.glob("trial_*")) == [0, 1, 2]
+    rows = {(r["dataset"], r["criterion"]): r for r in read_rows(exp / "report.csv")}
+    for c, values in per_split.items():
+        assert float(rows["a", c]["median"]) == pytest.approx(float(np.median(values)), abs=1e-12)
+        assert rows["a", c]["splits"] == "3"
+    cross = json.loads((exp / "trial_00000" / "cross_dataset.json").read_text())
+    assert cross["b"]["images"] == 10  # the whole set, not a part of a split
+    assert float(rows["→ b", "srcc"]["median"]) == pytest.approx(
+        np.median([json.loads((t / "cross_dataset.json").read_text())["b"]["srcc"] for t in exp.glob("trial_*")]))
+    text = report.read_text()
+    assert "| | a |" in text and "Cross-dataset" in text
+
+    # The report rebuilds from the folder alone.
+    (exp / "report.csv").unlink()
+    (exp / "results.csv").unlink()
+    capsys.readouterr()
+    assert main(["report", str(exp)]) == 0
+    assert read_rows(exp / "report.csv") == list(rows.values())
+    assert len(read_rows(exp / "results.csv")) == 3
+
+    # Cross-dataset evaluation alone: a checkpoint on two whole sets.
+    assert main(["eval", "--checkpoint", str(exp / "trial_00000" / "best.safetensors"), "--part", "all",
+                 "--no-progress", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("a ", "b "))}
+    assert lines["a"][-5] == "40" and lines["b"][-5] == "10"  # images column: every image of each set
