@@ -293,3 +293,43 @@ def test_protocol_over_three_splits_reports_medians_and_cross_dataset(tmp_path, 
     out = capsys.readouterr().out
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("a ", "b "))}
     assert lines["a"][-5] == "40" and lines["b"][-5] == "10"  # images column: every image of each set
+
+
+def test_shipped_search_and_protocol_configs_load():
+    """launch/configs: the demo search and protocol, the paper's Table 2 protocol, and the ablation
+    protocol whose variants are the ablation configs (each trial gets that config's keys)."""
+    from liqe_dist.tune.config import load_search
+    from liqe_dist.tune.protocol import load_protocol
+
+    configs = Path(__file__).resolve().parents[1] / "launch" / "configs"
+    search = load_search(configs / "tune_demo.yaml")
+    assert search.scheduler.kind == "asha" and search.trial_config({"optim.lr": 2e-4}).optim.lr == 2e-4
+    assert load_protocol(configs / "protocol_demo.yaml").splits == [0, 1, 2]
+    table2 = load_protocol(configs / "protocol_liqe.yaml")
+    assert table2.splits == list(range(10)) and len(table2.search().trial_config({"split": 3}).datasets) == 6
+    ablations = load_protocol(configs / "protocol_ablations.yaml").search()
+    frozen = ablations.trial_config({"split": 0, "variant": "(3) frozen text encoder"})
+    liqe = ablations.trial_config({"split": 0, "variant": "LIQE"})
+    assert frozen.model.freeze_text and not liqe.model.freeze_text
+    assert ablations.trial_config({"split": 0, "variant": "quality + scene"}).model.tasks == ("quality", "scene")
+
+
+def test_trials_at_a_time_follow_the_cluster(tmp_path, shard_sets):
+    """Without max_concurrent_trials: as many trials as the CPUs (one kept for the drivers) and
+    GPUs hold; GPU trials take 8 CPUs per worker by default."""
+    import dataclasses
+
+    from liqe_dist.tune.config import load_search
+    from liqe_dist.tune.search import concurrent_trials, trial_resources
+
+    path = write_search(tmp_path / "s.yaml", train_keys(shard_sets[0]),
+                        search_space={"workers": {"grid": [1, 2]}})
+    search = load_search(path)
+    assert trial_resources(search) == (2.0, 0)  # the most any trial asks for
+    assert concurrent_trials(search, {"CPU": 3.0}) == 1
+    assert concurrent_trials(search, {"CPU": 9.0}) == 4
+    gpu = dataclasses.replace(search, train={**search.train, "use_gpu": True})
+    assert trial_resources(gpu) == (16.0, 2)
+    assert concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}) == 3   # CPU-bound: 63 // 16
+    assert concurrent_trials(gpu, {"CPU": 200.0, "GPU": 8.0}) == 4  # GPU-bound: 8 // 2
+    assert concurrent_trials(dataclasses.replace(gpu, max_concurrent_trials=2), {"CPU": 200.0, "GPU": 8.0}) == 2

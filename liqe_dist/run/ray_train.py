@@ -23,6 +23,8 @@ from liqe_dist.data.packing import read_manifest
 from liqe_dist.hardware import process_group_backend
 from liqe_dist.train.config import TrainConfig
 
+log = logging.getLogger("liqe_dist.run")
+
 
 def _train_loop(loop_config: dict) -> None:
     import ray.train
@@ -128,6 +130,9 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
         read_manifest(Path(d.shards))
     connect(address, cfg.workers * cfg.resolved_cpus_per_worker + 1)
     from liqe_dist.console import follow_console
+
+    log.info("%s: %d Ray Train workers (%s), %d steps; their lines follow, full logs in %s/logs", cfg.name,
+             cfg.workers, "GPU" if cfg.use_gpu else "CPU", cfg.total_steps, cfg.run_dir)
 
     with follow_console(Path(cfg.run_dir) / "logs"):
         make_trainer(cfg).fit()

@@ -159,7 +159,7 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
         best = {k: float(v) for k, v in state["extra"].get("best", best).items()}
         if r == 0:
             log.info("resumed from %s at step %d", latest, step)
-    runlog = RunLog(run_dir, enabled=(r == 0))
+    runlog = RunLog(run_dir, enabled=(r == 0), total_steps=cfg.total_steps)
     redone = runlog.rewind(step)
     runlog.event({"event": "start" if step == 0 else "resume", "step": step, "world": world, "redone_steps": redone})
     # A resumed run draws new samples (its seed includes the step) rather than replaying old ones.

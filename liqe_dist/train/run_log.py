@@ -19,10 +19,12 @@ log = logging.getLogger("liqe_dist.train")
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, enabled: bool = True, every: int = 10):
+    def __init__(self, run_dir: Path, enabled: bool = True, every: int = 10, total_steps: int | None = None):
         self.dir = Path(run_dir)
         self.enabled = enabled
         self.every = every
+        self.total_steps = total_steps
+        self._clock: tuple[float, int] | None = None  # (time, step) of the first step logged here
         self._tb = None
         if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -80,12 +82,24 @@ class RunLog:
             return
         self._append("steps.csv", m)
         self._scalars(m)
+        now = time.monotonic()
+        if self._clock is None:
+            self._clock = (now, m["step"])
         if m["step"] % self.every == 0 or m["step"] == 1:
             losses = " ".join(f"{k.removeprefix('loss/')} {v:.4f}" for k, v in m.items() if k.startswith("loss/"))
             lams = " ".join(f"{v:.3f}" for k, v in m.items() if k.startswith("lambda/"))
-            log.info("step %d (epoch %d)  loss %.4f [%s]  lambda [%s]  lr %.2e  %.1f img/s%s", m["step"], m["epoch"],
-                     m["loss"], losses, lams, m["lr"], m["images_per_second"],
-                     f"  skipped {m['skipped_samples']}" if m["skipped_samples"] else "")
+            log.info("step %d%s (epoch %d)  loss %.4f [%s]  lambda [%s]  lr %.2e  %.1f img/s%s%s", m["step"],
+                     f"/{self.total_steps}" if self.total_steps else "", m["epoch"], m["loss"], losses, lams, m["lr"],
+                     m["images_per_second"], f"  skipped {m['skipped_samples']}" if m["skipped_samples"] else "",
+                     self._eta(now, m["step"]))
+
+    def _eta(self, now: float, step: int) -> str:
+        """``  ETA 3m20s`` from the mean wall-clock per step so far (evaluations included)."""
+        t0, step0 = self._clock
+        if not self.total_steps or step <= step0:
+            return ""
+        left = (now - t0) / (step - step0) * (self.total_steps - step)
+        return f"  ETA {int(left // 60)}m{int(left % 60):02d}s"
 
     def eval(self, m: dict) -> None:
         if not self.enabled:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from liqe_dist.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
+from liqe_dist.config import ConfigError, apply_overrides, flatten, from_dict, merge, read_yaml, to_dict
 from liqe_dist.train.config import TrainConfig
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -148,17 +148,30 @@ class SearchConfig:
         return from_dict(TrainConfig, apply_overrides(self.train, self.trial_overrides(params)))
 
 
-def load_search(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchConfig:
-    """Read a search file; ``train:`` (a path relative to it, or a mapping) is read in, then
-    ``overrides`` (``train.epochs=2``, ``num_samples=4``) apply; every trial's config is checked."""
-    path = Path(path)
+def read_sections(path: Path) -> dict:
+    """A search or protocol file with its ``train:`` and ``variants:`` read in: ``train`` a path
+    (relative to the file), or keys with an optional ``base:`` path; a variant a mapping of
+    dotted keys, or a training config file whose keys replace the base's (an ablation config)."""
     data = read_yaml(path)
     train = data.get("train")
     if isinstance(train, str):
         data["train"] = read_yaml(path.parent / train)
-    elif train is None:
+    elif isinstance(train, dict) and isinstance(train.get("base"), str):
+        data["train"] = merge(read_yaml(path.parent / train["base"]), {k: v for k, v in train.items() if k != "base"})
+    elif not isinstance(train, dict):
         raise ConfigError(f"{path}: train: expected the training config (a file path or its keys)")
-    data = apply_overrides(data, overrides or {})
+    variants = data.get("variants")
+    if isinstance(variants, dict):
+        data["variants"] = {name: flatten(read_yaml(path.parent / v)) if isinstance(v, str) else v
+                            for name, v in variants.items()}
+    return data
+
+
+def load_search(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchConfig:
+    """Read a search file (:func:`read_sections`), apply ``overrides`` (``train.epochs=2``,
+    ``num_samples=4``) and check every trial's config (:func:`check_search`)."""
+    path = Path(path)
+    data = apply_overrides(read_sections(path), overrides or {})
     try:
         search = from_dict(SearchConfig, data)
         check_search(search)

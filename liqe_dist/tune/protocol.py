@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from liqe_dist.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
+from liqe_dist.config import ConfigError, apply_overrides, from_dict, to_dict
 from liqe_dist.files import atomic_path
-from liqe_dist.tune.config import Distribution, SchedulerConfig, SearchConfig, check_search
+from liqe_dist.tune.config import Distribution, SchedulerConfig, SearchConfig, check_search, read_sections
 
 log = logging.getLogger("liqe_dist.tune")
 
@@ -60,12 +60,7 @@ class ProtocolConfig:
 
 def load_protocol(path: str | Path, overrides: dict[str, Any] | None = None) -> ProtocolConfig:
     path = Path(path)
-    data = read_yaml(path)
-    if isinstance(data.get("train"), str):
-        data["train"] = read_yaml(path.parent / data["train"])
-    elif data.get("train") is None:
-        raise ConfigError(f"{path}: train: expected the training config (a file path or its keys)")
-    data = apply_overrides(data, overrides or {})
+    data = apply_overrides(read_sections(path), overrides or {})
     try:
         protocol = from_dict(ProtocolConfig, data)
         check_search(protocol.search())

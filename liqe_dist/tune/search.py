@@ -52,6 +52,7 @@ def _scheduler(search: SearchConfig):
     if search.scheduler.kind == "fifo":
         return None
     from ray.tune.schedulers import ASHAScheduler
+
     max_epochs = max(search.trial_config(p).epochs for p in corner_trials(search))
     return ASHAScheduler(time_attr="epoch", max_t=max(max_epochs, 1), grace_period=search.scheduler.grace_period,
                          reduction_factor=search.scheduler.reduction_factor)
