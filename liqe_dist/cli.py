@@ -189,8 +189,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from liqe_dist.config import ConfigError, from_dict
     from liqe_dist.tune.config import SearchConfig
     from liqe_dist.tune.protocol import PROTOCOL_FILE, write_report
-    from liqe_dist.tune.results import markdown_table, summary_columns, write_results
-    from liqe_dist.tune.search import SEARCH_FILE
+    from liqe_dist.tune.results import SEARCH_FILE, markdown_table, summary_columns, write_results
 
     exp = Path(args.dir)
     if not (exp / SEARCH_FILE).is_file():

@@ -112,7 +112,8 @@ def test_a_changed_search_is_refused_naming_the_change(tmp_path, shard_sets):
     import dataclasses
 
     from liqe_dist.tune.config import load_search
-    from liqe_dist.tune.search import SEARCH_FILE, check_experiment, with_absolute_paths
+    from liqe_dist.tune.results import SEARCH_FILE
+    from liqe_dist.tune.search import check_experiment, with_absolute_paths
     from liqe_dist.tune.config import search_dict
 
     path = write_search(tmp_path / "s.yaml", train_keys(shard_sets[0]), storage=str(tmp_path / "runs"),
@@ -134,6 +135,8 @@ def test_reported_metrics_are_the_ones_all_ranks_agree_on():
     ranks = [{"loss": 0.5, "val/mean_srcc": float("nan"), "step_seconds": 1.0},
              {"loss": 0.5, "val/mean_srcc": float("nan"), "step_seconds": 3.0}]
     assert agreed_metrics(ranks)["step_seconds"] == 2.0
+    assert agreed_metrics(ranks)["loss"] == 0.5
+    ranks[1]["loss"] = 0.5 * (1 + 1e-15)  # the last bits of a sum in another order
     assert agreed_metrics(ranks)["loss"] == 0.5
     ranks[1]["loss"] = 0.25
     with pytest.raises(RuntimeError, match=r"ranks reported different loss: \[0\.5, 0\.25\]"):

@@ -108,6 +108,17 @@ def _write_rank_info(folder: Path, r: int) -> None:
     (folder / f"rank-{r}.json").write_text(json.dumps(info))
 
 
+def rank0_value(obj):
+    """Rank 0's ``obj`` on every rank. Criteria computed from the same gathered predictions can
+    still differ in the last bits between processes (threaded BLAS in the PLCC's logistic fit);
+    the best-model choice and the reports must not."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def write_best(run_dir: Path, best: dict) -> None:
     """``best.json``: the step with the highest mean val SRCC so far and its val/test criteria."""
     with atomic_path(run_dir / "best.json") as tmp:
@@ -175,7 +186,7 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
         nonlocal best
         for part in cfg.eval_parts:
             results = evaluate_all_ranks(engine.module, cfg, part)
-            metrics.update(_eval_metrics(results, part, engine.module.heads))
+            metrics.update(rank0_value(_eval_metrics(results, part, engine.module.heads)))
             if part == "test":
                 runlog.predictions(step, results)
         engine.module.train()
@@ -228,11 +239,14 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
                 dist.barrier()
             if r == 0:
                 prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
-        if report is not None and (evaluated or step == cfg.total_steps):
+        if report is not None and evaluated and step < cfg.total_steps:
             report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     save_run_weights(engine, run_dir / "final.safetensors", r, extra={"step": step})
     if r == 0:
         write_best(run_dir, best)
         runlog.plots()
     runlog.event({"event": "finish", "step": step})
+    if report is not None and cfg.total_steps > 0:
+        # Last, once the run's files are complete: a search may end the trial at this report.
+        report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return {**metrics, **{f"best/{k}": v for k, v in best.items()}}

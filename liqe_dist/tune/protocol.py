@@ -29,6 +29,7 @@ import numpy as np
 from liqe_dist.config import ConfigError, apply_overrides, from_dict, to_dict
 from liqe_dist.files import atomic_path
 from liqe_dist.tune.config import Distribution, SchedulerConfig, SearchConfig, check_search, read_sections
+from liqe_dist.tune.results import SEARCH_FILE
 
 log = logging.getLogger("liqe_dist.tune")
 
@@ -111,14 +112,18 @@ def score_cross_dataset(protocol: ProtocolConfig) -> None:
 
 def split_values(experiment_dir: Path) -> dict[tuple[str, str, str], dict[int, float]]:
     """``{(variant, dataset, criterion): {split: value}}`` from the trials' ``best.json`` (test part)
-    and ``cross_dataset.json`` (datasets marked ``→ NAME``)."""
+    and ``cross_dataset.json`` (datasets marked ``→ NAME``). Without variants the row is named
+    after the training config (``train.name``)."""
     out: dict[tuple[str, str, str], dict[int, float]] = {}
+    search_file = Path(experiment_dir) / SEARCH_FILE
+    default = json.loads(search_file.read_text()).get("train", {}).get("name", "model") if search_file.exists() \
+        else "model"
     for trial_dir in sorted(Path(experiment_dir).glob("trial_*")):
         params_path = trial_dir / "params.json"
         if not params_path.exists():
             continue
         params = json.loads(params_path.read_text())
-        variant, split = params.get("variant", "model"), int(params["split"])
+        variant, split = params.get("variant", default), int(params["split"])
         best = trial_dir / "best.json"
         if best.exists():
             for key, value in json.loads(best.read_text()).items():

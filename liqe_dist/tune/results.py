@@ -19,6 +19,7 @@ import yaml
 from liqe_dist.files import atomic_path
 from liqe_dist.tune.config import SearchConfig
 
+SEARCH_FILE = "search.json"  # the search an experiment folder was started with
 TRIAL_STATUS = "trial.json"  # written into a trial's folder when it ends: {"status": ..., "epoch": ...}
 
 

@@ -20,12 +20,10 @@ from liqe_dist.config import ConfigError
 from liqe_dist.files import atomic_path
 from liqe_dist.tune.cleanup import experiment_groups, live_groups, remove_groups
 from liqe_dist.tune.config import SearchConfig, corner_trials, describe_changes, search_dict
-from liqe_dist.tune.results import TRIAL_STATUS, write_results
+from liqe_dist.tune.results import SEARCH_FILE, TRIAL_STATUS, write_results
 from liqe_dist.tune.trial import run_trial, trial_name
 
 log = logging.getLogger("liqe_dist.tune")
-
-SEARCH_FILE = "search.json"   # the search an experiment folder was started with
 
 
 def trial_resources(search: SearchConfig) -> tuple[float, float]:

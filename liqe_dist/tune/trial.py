@@ -16,8 +16,11 @@ from liqe_dist.config import from_dict
 from liqe_dist.tune.config import SearchConfig
 
 # Reported per rank (wall-clock of that rank's step); everything else is computed over the
-# global batch or gathered predictions and must be equal on every rank.
+# global batch or gathered predictions and must agree on every rank: exactly for the evaluation
+# (rank 0's criteria are broadcast), to RELATIVE_AGREEMENT for the loss each rank computes
+# from the same gathered logits (summation order may differ in the last bits).
 PER_RANK_METRICS = ("step_seconds", "images_per_second")
+RELATIVE_AGREEMENT = 1e-9
 
 
 def trial_name(trial) -> str:
@@ -41,7 +44,7 @@ def run_trial(params: dict[str, Any], search: dict) -> None:
 
 def agreed_metrics(per_rank: list[dict]) -> dict:
     """One report from every rank's: values that must agree are checked to (a rank that
-    disagrees is a bug worth stopping for); per-rank timings are averaged."""
+    disagrees is a bug worth stopping for) and rank 0's is reported; per-rank timings are averaged."""
     out = dict(per_rank[0])
     for key, value in per_rank[0].items():
         values = [m.get(key) for m in per_rank]
@@ -53,8 +56,10 @@ def agreed_metrics(per_rank: list[dict]) -> dict:
 
 
 def _same(a, b) -> bool:
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
+    if isinstance(a, float) and isinstance(b, float):
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        return math.isclose(a, b, rel_tol=RELATIVE_AGREEMENT, abs_tol=1e-12)
     return a == b
 
 
