@@ -57,7 +57,9 @@ def remove_groups(run_dir: str | Path) -> int:
 
 def experiment_groups(experiment_dir: str | Path) -> set[str]:
     """Placement groups recorded by any trial of an experiment."""
+    from liqe_dist.tune.results import trial_dirs
+
     out = set()
-    for trial in Path(experiment_dir).glob("trial_*"):
+    for trial in trial_dirs(Path(experiment_dir)):
         out |= recorded_groups(trial)
     return out

@@ -29,7 +29,7 @@ import numpy as np
 from liqe_dist.config import ConfigError, apply_overrides, from_dict, to_dict
 from liqe_dist.files import atomic_path
 from liqe_dist.tune.config import Distribution, SchedulerConfig, SearchConfig, check_search, read_sections
-from liqe_dist.tune.results import SEARCH_FILE
+from liqe_dist.tune.results import SEARCH_FILE, trial_dirs
 
 log = logging.getLogger("liqe_dist.tune")
 
@@ -92,7 +92,7 @@ def score_cross_dataset(protocol: ProtocolConfig) -> None:
     from liqe_dist.models.weights import load_weights
 
     search = protocol.search()
-    for trial_dir in sorted(search.experiment_dir.glob("trial_*")):
+    for trial_dir in trial_dirs(search.experiment_dir):
         out, weights = trial_dir / CROSS_FILE, trial_dir / "best.safetensors"
         if out.exists() or not weights.exists():
             continue
@@ -118,7 +118,7 @@ def split_values(experiment_dir: Path) -> dict[tuple[str, str, str], dict[int, f
     search_file = Path(experiment_dir) / SEARCH_FILE
     default = json.loads(search_file.read_text()).get("train", {}).get("name", "model") if search_file.exists() \
         else "model"
-    for trial_dir in sorted(Path(experiment_dir).glob("trial_*")):
+    for trial_dir in trial_dirs(Path(experiment_dir)):
         params_path = trial_dir / "params.json"
         if not params_path.exists():
             continue

@@ -20,7 +20,7 @@ from liqe_dist.config import ConfigError
 from liqe_dist.files import atomic_path
 from liqe_dist.tune.cleanup import experiment_groups, live_groups, remove_groups
 from liqe_dist.tune.config import SearchConfig, corner_trials, describe_changes, search_dict
-from liqe_dist.tune.results import SEARCH_FILE, TRIAL_STATUS, write_results
+from liqe_dist.tune.results import SEARCH_FILE, TRIAL_STATUS, trial_dirs, write_results
 from liqe_dist.tune.trial import run_trial, trial_name
 
 log = logging.getLogger("liqe_dist.tune")
@@ -145,7 +145,7 @@ def run_search(search: SearchConfig, address: str | None = None) -> list[dict]:
     try:
         tuner.fit()
     finally:
-        for trial_dir in sorted(exp.glob("trial_*")):
+        for trial_dir in trial_dirs(exp):
             remove_groups(trial_dir)
     left = live_groups(experiment_groups(exp))
     if left:
@@ -160,7 +160,7 @@ class TrialProgress(Callback):
 
     def __init__(self, search: SearchConfig):
         self.metric, self.mode = search.metric, search.mode
-        self.search = search_dict(search)
+        self.search = search
         self.experiment_dir = search.experiment_dir
         self.best: tuple[float, str] | None = None
 
@@ -188,7 +188,7 @@ class TrialProgress(Callback):
 
     def _epochs(self, trial) -> int | None:
         try:
-            return _search_from_dict(self.search).trial_config(trial.config).epochs
+            return self.search.trial_config(trial.config).epochs
         except Exception:
             return None
 
@@ -208,12 +208,6 @@ class TrialProgress(Callback):
             tmp.write_text(json.dumps({"status": status, "epoch": (trial.last_result or {}).get("epoch")}))
         log.info("%s %s%s%s", trial_name(trial), status, f" {detail}" if detail else "",
                  f" (removed its placement group)" if removed else "")
-
-
-def _search_from_dict(data: dict) -> SearchConfig:
-    from liqe_dist.config import from_dict
-
-    return from_dict(SearchConfig, data)
 
 
 def _short(value) -> str:
