@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -148,9 +149,22 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg = dataclasses.replace(cfg, workers=args.workers)
         except ValueError as exc:
             raise ConfigError(f"--workers: {exc}") from None
+    if args.check:
+        return _checked(args.config, [d.shards for d in cfg.datasets])
     metrics = run_training(cfg, address=args.address)
     best = {k.removeprefix("best/"): v for k, v in metrics.items() if k.startswith("best/") and k.endswith("srcc")}
     log.info("finished: %s; outputs in %s", ", ".join(f"{k} {v:.3f}" for k, v in best.items()), cfg.run_dir)
+    return 0
+
+
+def _checked(path: str, shard_sets: list[str]) -> int:
+    """``--check``: the file is valid and its shard sets exist (what a cluster job verifies before
+    it starts Ray)."""
+    from liqe_dist.data.packing import read_manifest
+
+    for shards in shard_sets:
+        read_manifest(Path(shards))
+    log.info("%s: valid", path)
     return 0
 
 
@@ -161,6 +175,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from liqe_dist.tune.search import run_search
 
     search = load_search(args.config, parse_overrides(args.set))
+    if args.check:
+        return _checked(args.config, [d.shards for d in search.trial_config({}).datasets])
     rows = run_search(search, address=args.address)
     exp = search.experiment_dir
     print(f"\n{search.name}: {len(rows)} trial(s), best first by {search.metric} ({search.mode})\n")
@@ -176,6 +192,9 @@ def cmd_protocol(args: argparse.Namespace) -> int:
     from liqe_dist.tune.protocol import load_protocol, run_protocol
 
     protocol = load_protocol(args.config, parse_overrides(args.set))
+    if args.check:
+        return _checked(args.config, [d.shards for d in protocol.search().trial_config({}).datasets]
+                        + list(protocol.cross_dataset))
     report = run_protocol(protocol, address=args.address)
     print("\n" + report.read_text())
     print(f"report: {report}, {report.with_suffix('.csv')}; trials: {report.parent}/results.csv")
@@ -313,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="override the config's number of data-parallel workers")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (dotted, value as YAML), e.g. --set optim.lr=1e-5; repeatable")
+    p.add_argument("--check", action="store_true", help="validate the file (and that its shard sets exist), then exit")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="hyper-parameter search: Ray Tune trials, each a distributed training",
@@ -322,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a search key, e.g. --set num_samples=4 or --set train.epochs=2; repeatable")
+    p.add_argument("--check", action="store_true", help="validate the file (and that its shard sets exist), then exit")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("protocol", help="the paper's protocol: train every split (x variants), report medians",
@@ -331,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="protocol file (YAML)")
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a protocol key")
+    p.add_argument("--check", action="store_true", help="validate the file (and that its shard sets exist), then exit")
     p.set_defaults(func=cmd_protocol)
 
     p = sub.add_parser("report", help="rebuild a search's results (and a protocol's report) from its folder")
@@ -374,10 +396,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose or args.debug)
+    # A shell script's background command starts with SIGINT ignored (the SLURM scripts run it so);
+    # restore Ctrl+C, so that SIGINT stops a search cleanly there too.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        log.error("interrupted")
+    except KeyboardInterrupt as exc:  # Ctrl+C; a search stopped by it says what is left (SearchInterrupted)
+        log.error("interrupted%s", f": {exc}" if str(exc) else "")
         return 130
     except (ConfigError, CheckpointError, ImageDecodeError, OSError, ValueError) as exc:
         if args.debug:

@@ -204,10 +204,13 @@ def cpu_engine_on_a_cuda_machine_rank(rank: int, world: int, port: int, out: str
     torch.cuda.is_available = lambda: True
     engine, _, _ = build_engine(LIQE(build_clip("liqe-tiny")), OptimConfig(precision="auto"), 10, use_gpu=False)
     from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm import comm
 
     torch.save({"device": str(engine.device), "bf16": engine.bfloat16_enabled(),
                 "accelerator": get_accelerator().device_name(),
-                "param_dtype": str(engine.module.dtype)}, out)
+                "param_dtype": str(engine.module.dtype),
+                "shm_op_built": comm.cdb.shm_comm_op is not None,
+                "all_gather": comm.cdb.all_gather_function.__name__}, out)
     dist.destroy_process_group()
 
 

@@ -33,10 +33,13 @@ def test_bf16_config_reduces_in_fp32_and_use_gpu_decides():
 
 
 def test_use_gpu_false_builds_a_cpu_fp32_engine_where_cuda_is_reported(tmp_path):
+    """...with torch's current collectives and without DeepSpeed's shared-memory op."""
     out = str(tmp_path / "engine.pt")
     mp.spawn(cpu_engine_on_a_cuda_machine_rank, args=(1, free_local_port(), out), nprocs=1, join=True)
     got = torch.load(out, weights_only=True)
-    assert got == {"device": "cpu", "bf16": False, "accelerator": "cpu", "param_dtype": "torch.float32"}
+    assert got == {"device": "cpu", "bf16": False, "accelerator": "cpu", "param_dtype": "torch.float32",
+                   "shm_op_built": False,  # engine.skip_shared_memory_op: no JIT compile at start
+                   "all_gather": "all_gather_single"}
 
 
 def _run(tmp_path, name, world, precision, stage=1):

@@ -16,6 +16,7 @@ import yaml
 
 from liqe_dist.dist.local_group import free_local_port as free_port
 from shard_fixtures import pack_csv, write_csv_dataset
+from slurm_cluster import slurm_unavailable
 from liqe_dist.config import to_dict
 from liqe_dist.data.crops import CropConfig
 from liqe_dist.dist.engine import OptimConfig
@@ -70,6 +71,8 @@ def two_node_cluster():
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
+@pytest.mark.skipif(slurm_unavailable() is None, reason="proven on a real SLURM cluster here: "
+                    "test_slurm.py::test_training_job_on_two_nodes")
 def test_training_on_two_nodes_places_one_rank_per_node(tmp_path, two_node_cluster):
     address, env = two_node_cluster
     shards = pack_csv(write_csv_dataset(tmp_path / "a", n_refs=10, per_ref=2, size=(224, 232)), tmp_path / "shards",

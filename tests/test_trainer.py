@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from scipy.stats import spearmanr
 
-from dist_workers import train_rank
+from dist_workers import train_configs_rank, train_rank
 from liqe_dist.dist.local_group import free_local_port as free_port
 from shard_fixtures import pack_csv, write_csv_dataset
 from liqe_dist.models.weights import load_weights
@@ -102,18 +102,28 @@ MODEL_VARIANTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def variant_runs(shards) -> dict[str, TrainConfig]:
+    """A 2-rank run of each model variant, one after the other in the same two processes."""
+    base, a, b = shards
+    cfgs = {}
+    for variant, model in MODEL_VARIANTS.items():
+        extra = {"weighting": WeightingConfig(method="progressive")} if variant == "pmt-iqa" else {}
+        cfgs[variant] = config(base, a, b, name=f"saved-{variant}", model=model, epochs=1, steps_per_epoch=3,
+                               checkpoint_every=3, eval_parts=("test",), **extra)
+    mp.spawn(train_configs_rank, args=(2, free_port(), [to_dict(c) for c in cfgs.values()]), nprocs=2, join=True)
+    return cfgs
+
+
 @pytest.mark.parametrize("variant", list(MODEL_VARIANTS))
-def test_saved_weights_score_as_the_run_evaluated(shards, variant):
+def test_saved_weights_score_as_the_run_evaluated(shards, variant_runs, variant):
     """A 2-rank run of each model variant (including ablations 4 and 6) trains, and its final
     weights, scored in one process, give the per-image test scores the run logged: distributed
     evaluation is exact and every rank evaluates the model rank 0 saves."""
     from liqe_dist.eval.shard_eval import evaluate_shards
 
     base, a, b = shards
-    extra = {"weighting": WeightingConfig(method="progressive")} if variant == "pmt-iqa" else {}
-    cfg = config(base, a, b, name=f"saved-{variant}", model=MODEL_VARIANTS[variant], epochs=1, steps_per_epoch=3,
-                 checkpoint_every=3, eval_parts=("test",), **extra)
-    mp.spawn(train_rank, args=(2, free_port(), to_dict(cfg)), nprocs=2, join=True)
+    cfg = variant_runs[variant]
     run = base / "runs" / f"saved-{variant}"
     losses = rows(run / "steps.csv")[-1]
     assert all(float(losses[f"loss/{t}"]) > 0 for t in cfg.model.loss_tasks)
@@ -125,28 +135,11 @@ def test_saved_weights_score_as_the_run_evaluated(shards, variant):
     assert max(abs(scored[k] - logged[k]) for k in scored) < 1e-5
 
 
-def test_ray_train_two_workers(shards, monkeypatch):
-    from liqe_dist.run.ray_train import run_training
-    import ray
-
-    base, a, b = shards
-    monkeypatch.chdir(base)  # paths relative to where the user runs (Ray workers start elsewhere)
-    cfg = config(base, a.relative_to(base), b.relative_to(base), name="ray", epochs=1, steps_per_epoch=3,
-                 checkpoint_every=3, eval_parts=("test",), out_dir="runs")
-    try:
-        metrics = run_training(cfg)
-    finally:
-        ray.shutdown()
-    assert metrics["step"] == 3 and "test/a/srcc" in metrics
-    steps = rows(base / "runs" / "ray" / "steps.csv")
-    assert [int(r["step"]) for r in steps] == [1, 2, 3]
-    assert (base / "runs" / "ray" / "checkpoints" / "step-00000003" / "rank-1.pt").exists()
-
-
-def test_killed_worker_resumes_from_checkpoint(shards):
-    """A rank killed mid-run (SIGKILL): Ray restarts the worker group, training resumes from the
-    newest checkpoint, finishes, and every step appears once in the log; at most one checkpoint
-    interval of steps is redone."""
+def test_killed_worker_resumes_from_checkpoint(shards, monkeypatch):
+    """Ray Train with 2 workers, paths in the config relative to where the user runs (Ray workers
+    start elsewhere). A rank killed mid-run (SIGKILL): Ray restarts the worker group, training
+    resumes from the newest checkpoint, finishes, and every step appears once in the log; at
+    most one checkpoint interval of steps is redone."""
     import os
     import signal
     import threading
@@ -156,8 +149,9 @@ def test_killed_worker_resumes_from_checkpoint(shards):
     from liqe_dist.run.ray_train import run_training
 
     base, a, b = shards
-    cfg = config(base, a, b, name="kill", epochs=4, steps_per_epoch=4, checkpoint_every=4, max_failures=1,
-                 eval_parts=("test",))
+    monkeypatch.chdir(base)
+    cfg = config(base, a.relative_to(base), b.relative_to(base), name="kill", epochs=4, steps_per_epoch=4,
+                 checkpoint_every=4, max_failures=1, eval_parts=("test",), out_dir="runs")
     run = base / "runs" / "kill"
     killed = {}
 
@@ -177,11 +171,12 @@ def test_killed_worker_resumes_from_checkpoint(shards):
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
-        run_training(cfg)
+        metrics = run_training(cfg)
     finally:
         ray.shutdown()
     thread.join(timeout=5)
     assert killed, "the worker was never killed"
+    assert metrics["step"] == 16 and "test/a/srcc" in metrics
     assert [int(r["step"]) for r in rows(run / "steps.csv")] == list(range(1, 17))
     events = [json.loads(line) for line in open(run / "events.jsonl")]
     resumes = [e for e in events if e["event"] == "resume"]

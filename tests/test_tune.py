@@ -18,6 +18,7 @@ import yaml
 
 from liqe_dist.config import ConfigError
 from shard_fixtures import pack_csv, write_csv_dataset
+from slurm_cluster import slurm_unavailable
 
 LIQE_DIST = str(Path(sys.executable).parent / "liqe-dist")
 
@@ -184,15 +185,15 @@ def live_groups_in_cluster(ray) -> list[str]:
 @pytest.mark.timeout(900)
 def test_asha_stops_a_hopeless_trial_and_frees_its_workers(tmp_path, shard_sets, local_cluster):
     """lr 1e-12 leaves the loss where it starts (~1.15; the others reach ~0.8 within an epoch):
-    ASHA stops that trial at its first rung. Afterwards no placement group is left (Train V2
-    used to keep a stopped trial's: the next trial never got its workers) and a second search
-    on the same cluster runs."""
+    ASHA stops that trial, the second, at its first rung. The third trial still gets its workers
+    (Train V2 used to keep a stopped trial's placement group: the next trial never started), and
+    afterwards no placement group is left and every CPU is free."""
     from liqe_dist.tune.config import load_search
     from liqe_dist.tune.search import run_search
 
     ray = local_cluster
     path = write_search(tmp_path / "s.yaml", train_keys(shard_sets[0]), name="asha", storage=str(tmp_path / "runs"),
-                        metric="loss", mode="min", search_space={"optim.lr": {"grid": [1e-3, 3e-4, 1e-12]}},
+                        metric="loss", mode="min", search_space={"optim.lr": {"grid": [1e-3, 1e-12, 3e-4]}},
                         scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2})
     rows = run_search(load_search(path))
     exp = tmp_path / "runs" / "asha"
@@ -201,27 +202,24 @@ def test_asha_stops_a_hopeless_trial_and_frees_its_workers(tmp_path, shard_sets,
     losses = [float(r["loss"]) for r in rows]
     assert losses == sorted(losses)  # best (lowest) first
     assert table["trial_00000"]["status"] == "finished" and table["trial_00000"]["epochs"] == "2"  # first at the rung
-    assert table["trial_00002"]["status"] == "stopped early" and table["trial_00002"]["epochs"] == "1"
-    assert float(table["trial_00002"]["optim.lr"]) == 1e-12 and float(table["trial_00002"]["loss"]) > 1.0
-    assert table["trial_00001"]["status"] in ("finished", "stopped early")
+    assert table["trial_00001"]["status"] == "stopped early" and table["trial_00001"]["epochs"] == "1"
+    assert float(table["trial_00001"]["optim.lr"]) == 1e-12 and float(table["trial_00001"]["loss"]) > 1.0
+    assert table["trial_00002"]["status"] in ("finished", "stopped early")  # it ran after the stopped one
     # What Tune saw is what the run wrote (the agreed report, not a rank's own numbers).
     last = json.loads((exp / "trial_00000" / "result.json").read_text().splitlines()[-1])
     steps = read_rows(exp / "trial_00000" / "steps.csv")
     assert last["loss"] == pytest.approx(float(steps[-1]["loss"]), rel=1e-12)
     assert (exp / "best.yaml").exists() and (exp / "search.png").stat().st_size > 0
-    assert "| trial_00002 | stopped early | 1e-12 | 1 |" in (exp / "results.md").read_text()
+    assert "| trial_00001 | stopped early | 1e-12 | 1 |" in (exp / "results.md").read_text()
 
     assert live_groups_in_cluster(ray) == []
     assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
-    again = write_search(tmp_path / "again.yaml", train_keys(shard_sets[0], epochs=1, steps_per_epoch=2),
-                         name="again", storage=str(tmp_path / "runs"), search_space={"seed": {"grid": [1]}})
-    (row,) = run_search(load_search(again))
-    assert row["status"] == "finished"
-    assert live_groups_in_cluster(ray) == []
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.skipif(slurm_unavailable() is None, reason="proven on a real SLURM cluster here: "
+                    "test_slurm.py::test_requeued_search_resumes_and_runs_every_trial_once")
 def test_a_killed_search_resumes_where_it_stopped(tmp_path, shard_sets):
     """SIGKILL the ``liqe-dist tune`` driver while its second trial trains, run the command again:
     the finished trial is not rerun, the other continues from its checkpoint, each step once."""
@@ -261,7 +259,8 @@ def test_protocol_over_three_splits_reports_medians_and_cross_dataset(tmp_path, 
 
     a, b = shard_sets
     path = tmp_path / "protocol.yaml"
-    path.write_text(yaml.safe_dump({"train": train_keys(a, epochs=1, steps_per_epoch=2), "splits": [0, 1, 2],
+    # one worker per trial: the protocol's bookkeeping is under test here, not data parallelism
+    path.write_text(yaml.safe_dump({"train": train_keys(a, epochs=1, steps_per_epoch=2, workers=1), "splits": [0, 1, 2],
                                     "cross_dataset": [str(b)], "name": "p", "storage": str(tmp_path / "runs")}))
     report = run_protocol(load_protocol(path))
     exp = report.parent

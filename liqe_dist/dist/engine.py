@@ -171,6 +171,19 @@ def build_engine(model: nn.Module, cfg: OptimConfig, total_steps: int, steps_per
     return engine, opt, sched
 
 
+SHM_OP = "deepspeed_shm_comm"
+
+
+def skip_shared_memory_op() -> None:
+    """Keep DeepSpeed's communication backend from JIT-compiling its shared-memory all-reduce op
+    on the CPU. Only ``inference_all_reduce`` uses it, never training; the build costs ~50 s of
+    compiling on 2 cores whenever its command line changes (ranks then wait on its lock, nodes of a
+    cluster on a shared home folder race for it). Without it DeepSpeed uses torch.distributed."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_OP] = False  # what DeepSpeed's build_shm_op consults
+
+
 def use_current_collectives() -> None:
     """Point DeepSpeed's communication backend at torch's current collectives. DeepSpeed 0.19
     picks ``all_gather_into_tensor``/``reduce_scatter_tensor``, which torch 2.14 deprecates
@@ -180,6 +193,7 @@ def use_current_collectives() -> None:
     import torch.distributed as dist
     from deepspeed import comm
 
+    skip_shared_memory_op()
     if dist.is_initialized():  # DeepSpeed wraps the existing group; before its first collective
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     backend = comm.comm.cdb

@@ -150,7 +150,16 @@ def run_search(search: SearchConfig, address: str | None = None) -> list[dict]:
     left = live_groups(experiment_groups(exp))
     if left:
         raise RuntimeError(f"placement groups of {exp} still alive after the search: {sorted(left)}")
-    return write_results(search)
+    rows = write_results(search)
+    unfinished = [r["trial"] for r in rows if r["status"] == "unfinished"]
+    if unfinished:  # Tune returns normally after SIGINT (Ctrl+C; a SLURM job near its time limit)
+        raise SearchInterrupted(f"search {search.name} stopped with {len(unfinished)} trial(s) unfinished "
+                                f"({', '.join(unfinished)}); the same command resumes it")
+    return rows
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """A search that Tune stopped before its end (its state is saved: running it again resumes)."""
 
 
 class TrialProgress(Callback):
