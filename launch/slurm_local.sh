@@ -97,7 +97,9 @@ up() {
 }
 
 down() {
-  [[ -f "$SLURM_CONF" ]] && command -v scancel >/dev/null && scancel --full --quiet "--user=$(id -un)" 2>/dev/null || true
+  if [[ -f "$SLURM_CONF" ]] && command -v scancel >/dev/null; then
+    scancel --full --quiet "--user=$(id -un)" 2>/dev/null || true
+  fi
   for f in "$dir"/run/slurmd-*.pid "$dir/run/slurmctld.pid" "$dir/run/munged.pid"; do
     [[ -f "$f" ]] || continue
     local pid; pid=$(cat "$f")

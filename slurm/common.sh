@@ -8,6 +8,7 @@ if [[ -n "${LIQE_VENV:-}" || -x "$LIQE_REPO/.venv/bin/liqe-dist" ]]; then
   PATH="${LIQE_VENV:-$LIQE_REPO/.venv}/bin:$PATH"
 fi
 command -v liqe-dist >/dev/null || { echo "liqe-dist not found: set LIQE_VENV, or run bash launch/setup.sh in $LIQE_REPO" >&2; exit 2; }
+# shellcheck disable=SC2034  # used by ray_cluster.sh
 liqe_python="$(dirname "$(command -v liqe-dist)")/python"
 
 slurm_log() { echo "[$(date +%T) slurm job $SLURM_JOB_ID${SLURM_RESTART_COUNT:+ restart $SLURM_RESTART_COUNT}] $*" >&2; }

@@ -17,7 +17,6 @@ head_addr="$(node_addr "${LIQE_NODES[0]}")"
 port_base=$(( 10000 + (SLURM_JOB_ID % 220) * 100 ))
 LIQE_RAY_ADDRESS="$head_addr:$port_base"
 ray_tmp="/tmp/ray-$SLURM_JOB_ID"
-node_ports() { echo "--dashboard-agent-listen-port=$((port_base + 2 + $1)) --min-worker-port=0 --max-worker-port=0"; }
 
 # Resources per node from SLURM: its CPUs, its GPUs (one Ray Train worker per GPU), and an object
 # store below the node's /dev/shm.
@@ -59,19 +58,21 @@ trap ray_cluster_stop EXIT
 
 slurm_log "Ray head on ${LIQE_NODES[0]} ($LIQE_RAY_ADDRESS), ${#LIQE_NODES[@]} node(s), $ray_cpus CPUs and $ray_gpus GPUs per node"
 common=(--block --temp-dir="$ray_tmp" --num-cpus="$ray_cpus" --num-gpus="$ray_gpus" --object-store-memory="$ray_store"
-  --disable-usage-stats)
-# shellcheck disable=SC2046  # node_ports is a list of options
+  --min-worker-port=0 --max-worker-port=0 --disable-usage-stats)
 ray start --head --node-ip-address="$head_addr" --port="$port_base" --ray-client-server-port=$((port_base + 1)) \
-  --include-dashboard=false $(node_ports 0) "${common[@]}" > "$ray_state/ray-${LIQE_NODES[0]}.log" 2>&1 &
+  --dashboard-agent-listen-port=$((port_base + 2)) --include-dashboard=false "${common[@]}" \
+  > "$ray_state/ray-${LIQE_NODES[0]}.log" 2>&1 &
 ray_pids+=($!)
 for i in $(seq 1 $(( ${#LIQE_NODES[@]} - 1 ))); do
   node="${LIQE_NODES[$i]}"
   srun --nodes=1 --ntasks=1 --overlap -w "$node" --output="$ray_state/ray-$node.log" ray start \
-    --address="$LIQE_RAY_ADDRESS" --node-ip-address="$(node_addr "$node")" $(node_ports "$i") "${common[@]}" &
+    --address="$LIQE_RAY_ADDRESS" --node-ip-address="$(node_addr "$node")" \
+    --dashboard-agent-listen-port=$((port_base + 2 + i)) "${common[@]}" &
   ray_pids+=($!)
 done
 
 # Wait until every node has joined; a node whose `ray start` exits ends the wait at once.
+# shellcheck disable=SC2154  # liqe_python: set by common.sh
 "$liqe_python" -m liqe_dist.run.wait_nodes "$LIQE_RAY_ADDRESS" "${#LIQE_NODES[@]}" --timeout "${LIQE_RAY_WAIT:-180}" &
 waiter=$!
 while kill -0 "$waiter" 2>/dev/null; do
