@@ -116,7 +116,8 @@ status() {
     [[ -f "$f" ]] || continue
     if pid_alive "$f"; then echo "$(basename "$f" .pid) running (pid $(cat "$f"))"; else echo "$(basename "$f" .pid) dead"; fi
   done
-  [[ -f "$SLURM_CONF" ]] && sinfo -N 2>/dev/null || echo "no cluster configured in $dir"
+  if [[ ! -f "$SLURM_CONF" ]]; then echo "no cluster configured in $dir"
+  elif ! sinfo -N 2>/dev/null; then echo "configured in $dir, not running (bash $0 up)"; fi
 }
 
 case "${1:-}" in

@@ -1,0 +1,1 @@
+"""gMAD: pair search over a scored corpus (more to come: sheets, the study, the analysis)."""
