@@ -143,7 +143,9 @@ def search(scores: dict[str, np.ndarray], models: list[str], rule: LevelRule = L
     if len(set(models)) < 2:
         raise GMADError(f"gMAD needs at least two different models, got {models}")
     n = len(scores[models[0]])
-    arrays = {m: np.asarray(scores[m], dtype=np.float64) for m in models}
+    # float32 scores stay float32 (what scorers write; sorting them is faster than float64)
+    arrays = {m: np.asarray(scores[m]) for m in models}
+    arrays = {m: a if a.dtype.kind == "f" else a.astype(np.float64) for m, a in arrays.items()}
     for m, a in arrays.items():
         if a.shape != (n,):
             raise GMADError(f"model {m}: {a.shape[0]} scores, expected {n}")
