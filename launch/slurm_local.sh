@@ -9,10 +9,12 @@
 #
 #   LIQE_SLURM_DIR   the folder (default /tmp/liqe-slurm; short: slurmd's socket paths live there)
 #   LIQE_SLURM_CPUS  CPUs each node advertises (default 2; both nodes share this machine's cores)
+#   LIQE_SLURM_GPUS  GPUs each node advertises (default 2; counted, not real: for the GPU mapping)
 #   LIQE_SLURM_PORT  slurmctld's port (default 16817; the nodes use the next two)
 set -euo pipefail
 dir="${LIQE_SLURM_DIR:-/tmp/liqe-slurm}"
 cpus="${LIQE_SLURM_CPUS:-2}"
+gpus="${LIQE_SLURM_GPUS:-2}"
 port="${LIQE_SLURM_PORT:-16817}"
 nodes=(n1 n2)
 addrs=(127.0.0.2 127.0.0.3)
@@ -71,8 +73,20 @@ MinJobAge=600
 KillWait=10
 InactiveLimit=0
 EOF
+  # Each node advertises GPUs that do not exist (stand-in device files): SLURM hands them out and
+  # sets SLURM_GPUS_ON_NODE, which is what the scripts read; nothing can run on them.
+  echo "GresTypes=gpu" >> "$SLURM_CONF"
+  : > "$dir/gres.conf"
+  for n in "${nodes[@]}"; do
+    for g in $(seq 0 $((gpus - 1))); do
+      # a character device as slurmd expects (/dev/null's numbers); a plain file works too, with
+      # an error line in the slurmd log, where mknod is not allowed
+      [[ -e "$dir/gpu-$n-$g" ]] || mknod "$dir/gpu-$n-$g" c 1 3 2>/dev/null || touch "$dir/gpu-$n-$g"
+      echo "NodeName=$n Name=gpu File=$dir/gpu-$n-$g" >> "$dir/gres.conf"
+    done
+  done
   for i in "${!nodes[@]}"; do
-    echo "NodeName=${nodes[$i]} NodeAddr=${addrs[$i]} NodeHostname=${nodes[$i]} Port=$((port + 1 + i)) CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN" >> "$SLURM_CONF"
+    echo "NodeName=${nodes[$i]} NodeAddr=${addrs[$i]} NodeHostname=${nodes[$i]} Port=$((port + 1 + i)) CPUs=$cpus Gres=gpu:$gpus RealMemory=$mem_mb State=UNKNOWN" >> "$SLURM_CONF"
   done
   echo "PartitionName=debug Nodes=$(IFS=,; echo "${nodes[*]}") Default=YES MaxTime=INFINITE State=UP" >> "$SLURM_CONF"
 }

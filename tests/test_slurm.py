@@ -101,7 +101,7 @@ def assert_no_ray_left(job_id: str, grace: float = 15) -> None:
 
 
 def daemons(folder: Path) -> list[str]:
-    return [" ".join(p.info["cmdline"]) for p in psutil.process_iter(["name", "cmdline"])
+    return [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["name", "cmdline"])
             if p.info["name"] in ("slurmctld", "slurmd", "munged", "slurmstepd")
             and (p.info["name"] != "munged" or str(folder) in " ".join(p.info["cmdline"] or []))]
 
@@ -265,3 +265,22 @@ def test_time_limit_signal_stops_the_command_and_requeues(cluster, tmp_path):
     assert info["JobState"] == "COMPLETED", text
     assert text.index("time limit near") < text.index("ERROR liqe_dist: interrupted") < text.index("requeueing")
     assert (out / "labels.csv").exists()
+
+
+def test_gpus_from_slurm_become_ray_gpus(cluster, tmp_path):
+    """`--gpus-per-node=2` on two nodes (the local cluster's stand-in GPUs): the job's Ray cluster
+    has 2 GPUs and the allocated CPUs on each node, where Ray Train then puts one worker per GPU."""
+    out = tmp_path / "nodes.json"
+    script = tmp_path / "resources.sbatch"
+    script.write_text("#!/usr/bin/env bash\nset -euo pipefail\n"
+                      'source "$SLURM_SUBMIT_DIR/slurm/common.sh"\nsource "$LIQE_REPO/slurm/ray_cluster.sh"\n'
+                      f'"$liqe_python" -c "import json, os, ray; ray.init(address=os.environ[\'LIQE_RAY_ADDRESS\']); '
+                      f"json.dump({{n['NodeManagerAddress']: n['Resources'] for n in ray.nodes() if n['Alive']}}, "
+                      f"open('{out}', 'w'))\"\n")
+    log = tmp_path / "resources.out"
+    job = cluster.submit(str(script), sbatch=("--nodes=2", "--cpus-per-task=2", "--gpus-per-node=2"), out=log)
+    info = cluster.wait(job, timeout=240)
+    assert info["JobState"] == "COMPLETED", log.read_text()
+    nodes = json.loads(out.read_text())
+    assert {ip: (r.get("GPU"), r.get("CPU")) for ip, r in nodes.items()} == {ip: (2.0, 2.0) for ip in NODE_ADDRS}
+    assert_no_ray_left(job)
