@@ -12,6 +12,8 @@ from liqe_dist.console import setup_logging
 
 log = logging.getLogger("liqe_dist")
 
+CHECK_HELP = "validate the file (and that its shard sets exist), then exit: what a cluster job runs before Ray"
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
@@ -332,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="override the config's number of data-parallel workers")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (dotted, value as YAML), e.g. --set optim.lr=1e-5; repeatable")
-    p.add_argument("--check", action="store_true", help="validate the file (and that its shard sets exist), then exit")
+    p.add_argument("--check", action="store_true", help=CHECK_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="hyper-parameter search: Ray Tune trials, each a distributed training",
@@ -342,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a search key, e.g. --set num_samples=4 or --set train.epochs=2; repeatable")
-    p.add_argument("--check", action="store_true", help="validate the file (and that its shard sets exist), then exit")
+    p.add_argument("--check", action="store_true", help=CHECK_HELP)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("protocol", help="the paper's protocol: train every split (x variants), report medians",
@@ -352,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="protocol file (YAML)")
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a protocol key")
-    p.add_argument("--check", action="store_true", help="validate the file (and that its shard sets exist), then exit")
+    p.add_argument("--check", action="store_true", help=CHECK_HELP)
     p.set_defaults(func=cmd_protocol)
 
     p = sub.add_parser("report", help="rebuild a search's results (and a protocol's report) from its folder")

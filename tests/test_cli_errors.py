@@ -28,6 +28,8 @@ def files(tmp_path):
     cfg = GOOD_DATASET.replace("SHARDS", str(tmp_path / "nomanifest"))
     (tmp_path / "good.yaml").write_text(cfg)
     (tmp_path / "dup.yaml").write_text(cfg + "epochs: 3\nepochs: 4\n")
+    (tmp_path / "search.yaml").write_text("train: good.yaml\nsearch_space: {optim.lr: {grid: [1.0e-4, 1.0e-5]}}\n")
+    (tmp_path / "protocol.yaml").write_text(f"train: good.yaml\ncross_dataset: [{tmp_path / 'nowhere'}]\n")
     (tmp_path / "nan.yaml").write_text(cfg + "optim: {lr: .nan}\n")
     (tmp_path / "neg.yaml").write_text(cfg + "loader_workers: -1\n")
     (tmp_path / "model.yaml").write_text(cfg.replace("liqe-tiny", "ViT-Q-99"))
@@ -54,6 +56,9 @@ CASES = [
     (["train", "--config", "{t}/ckpt.yaml"], "model.checkpoint: no such file"),
     (["train", "--config", "{t}/good.yaml", "--workers", "0"], "workers must be >= 1"),
     (["train", "--config", "{t}/good.yaml"], "nomanifest/manifest.json: no manifest"),  # before Ray starts
+    (["train", "--check", "--config", "{t}/good.yaml"], "nomanifest/manifest.json: no manifest"),
+    (["tune", "--check", "--config", "{t}/search.yaml"], "nomanifest/manifest.json: no manifest"),
+    (["protocol", "--check", "--config", "{t}/protocol.yaml"], "nowhere"),
     (["eval", "{t}/nomanifest", "--model", "liqe-tiny", "--no-progress"], "no manifest"),
     (["eval", "--config", "{t}/good.yaml", "--checkpoint", "{t}/nope.safetensors"], "no such file"),
 ]
@@ -130,3 +135,17 @@ def test_zero_size_and_pickled_inputs_are_refused_plainly(tmp_path):
         read_state_dict(tmp_path / "evil.pt")
     assert "evil.pt: cannot be read with torch.load(weights_only=True)" in str(info.value)
     assert "weights_only=False" not in str(info.value) and "will likely succeed" not in str(info.value)
+
+
+def test_check_validates_without_training(tmp_path, caplog):
+    """``--check`` (what the SLURM scripts run before starting Ray): a valid config with its shard
+    sets present passes, and nothing runs."""
+    from shard_fixtures import pack_csv, write_csv_dataset
+
+    shards = pack_csv(write_csv_dataset(tmp_path / "a", n_refs=3, per_ref=2, size=(64, 64)), tmp_path / "shards", "a")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(GOOD_DATASET.replace("SHARDS", str(shards)) + f"out_dir: {tmp_path / 'runs'}\n")
+    caplog.set_level("INFO")
+    assert main(["train", "--check", "--config", str(cfg)]) == 0
+    assert f"{cfg}: valid" in caplog.text
+    assert not (tmp_path / "runs").exists()

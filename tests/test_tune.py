@@ -335,3 +335,22 @@ def test_trials_at_a_time_follow_the_cluster(tmp_path, shard_sets):
     assert concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}) == 3   # CPU-bound: 63 // 16
     assert concurrent_trials(gpu, {"CPU": 200.0, "GPU": 8.0}) == 4  # GPU-bound: 8 // 2
     assert concurrent_trials(dataclasses.replace(gpu, max_concurrent_trials=2), {"CPU": 200.0, "GPU": 8.0}) == 2
+
+
+def test_a_search_stopped_before_its_end_says_so_and_exits_130(tmp_path, shard_sets, monkeypatch, caplog):
+    """Tune returns normally after SIGINT (Ctrl+C, or a SLURM job's time-limit signal): a search
+    with unfinished trials is an interruption naming them, not a result table."""
+    import liqe_dist.tune.search as search_module
+    from liqe_dist.cli import main
+    from liqe_dist.tune.search import SearchInterrupted, ensure_finished
+
+    rows = [{"trial": "trial_00000", "status": "finished"}, {"trial": "trial_00001", "status": "unfinished"}]
+    with pytest.raises(SearchInterrupted, match=r"1 trial\(s\) unfinished \(trial_00001\); the same command"):
+        ensure_finished("s", rows)
+    ensure_finished("s", rows[:1])  # all finished: nothing to say
+
+    path = write_search(tmp_path / "s.yaml", train_keys(shard_sets[0]), name="s", storage=str(tmp_path / "runs"),
+                        search_space={"seed": {"grid": [1, 2]}})
+    monkeypatch.setattr(search_module, "run_search", lambda search, address=None: ensure_finished(search.name, rows))
+    assert main(["tune", "--config", str(path)]) == 130
+    assert "interrupted: search s stopped with 1 trial(s) unfinished (trial_00001)" in caplog.text

@@ -150,16 +150,21 @@ def run_search(search: SearchConfig, address: str | None = None) -> list[dict]:
     left = live_groups(experiment_groups(exp))
     if left:
         raise RuntimeError(f"placement groups of {exp} still alive after the search: {sorted(left)}")
-    rows = write_results(search)
-    unfinished = [r["trial"] for r in rows if r["status"] == "unfinished"]
-    if unfinished:  # Tune returns normally after SIGINT (Ctrl+C; a SLURM job near its time limit)
-        raise SearchInterrupted(f"search {search.name} stopped with {len(unfinished)} trial(s) unfinished "
-                                f"({', '.join(unfinished)}); the same command resumes it")
-    return rows
+    return ensure_finished(search.name, write_results(search))
 
 
 class SearchInterrupted(KeyboardInterrupt):
     """A search that Tune stopped before its end (its state is saved: running it again resumes)."""
+
+
+def ensure_finished(name: str, rows: list[dict]) -> list[dict]:
+    """``rows`` when every trial ended; else SearchInterrupted naming the unfinished ones (Tune
+    returns normally after SIGINT: Ctrl+C, a SLURM job near its time limit)."""
+    unfinished = [r["trial"] for r in rows if r["status"] == "unfinished"]
+    if unfinished:
+        raise SearchInterrupted(f"search {name} stopped with {len(unfinished)} trial(s) unfinished "
+                                f"({', '.join(unfinished)}); the same command resumes it")
+    return rows
 
 
 class TrialProgress(Callback):
