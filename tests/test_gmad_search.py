@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import rankdata
 
-from liqe_dist.gmad.search import GMADError, LevelRule, ranks, search
+from liqe_dist.gmad.search import GMADError, LevelRule, rank_at, search, sorted_ranks
 
 
 def test_levels_pairs_and_role_swap_by_hand():
@@ -27,8 +27,10 @@ def test_levels_pairs_and_role_swap_by_hand():
 
 
 def test_ranks_share_ties_and_span_zero_to_one():
-    x = np.array([3.0, 1.0, 3.0, 2.0, 5.0])
-    assert ranks(x) == pytest.approx((rankdata(x) - 1) / 4)
+    x = np.sort(np.array([3.0, 1.0, 3.0, 2.0, 5.0, 3.0]))
+    expected = (rankdata(x) - 1) / 5
+    assert sorted_ranks(x) == pytest.approx(expected)
+    assert [rank_at(x, v) for v in x] == pytest.approx(expected)
 
 
 def brute_force(scores, models, rule, hashes):

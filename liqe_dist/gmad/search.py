@@ -100,14 +100,6 @@ def rank_at(sorted_x: np.ndarray, value: float) -> float:
     return float((left + right - 1) / 2.0 / max(len(sorted_x) - 1, 1))
 
 
-def ranks(x: np.ndarray) -> np.ndarray:
-    """Scaled rank of each value of ``x`` (N,), ties sharing their mean rank."""
-    order = np.argsort(x, kind="stable")
-    out = np.empty(len(x), dtype=np.float64)
-    out[order] = sorted_ranks(x[order])
-    return out
-
-
 def extreme(cand: np.ndarray, values: np.ndarray, largest: bool) -> int:
     """The candidate with the largest (smallest) value; of tied ones the first in key order
     (the smallest index), whatever order ``cand`` is in."""
