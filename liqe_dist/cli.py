@@ -85,6 +85,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from liqe_dist.data.adapters import read_dataset
     from liqe_dist.data.packing import PackConfig, pack_records
 
+    if args.format == "folder":
+        return _pack_corpus(args)
     name = args.name or args.format
     records = read_dataset(args.format, Path(args.root), name, Path(args.lists) if args.lists else None)
     cfg = PackConfig(shard_max_bytes=int(args.shard_max_mb * 1024 * 1024), shard_max_count=args.shard_max_count,
@@ -98,6 +100,38 @@ def cmd_pack(args: argparse.Namespace) -> int:
     if result.rejected:
         log.warning("%d image(s) rejected: see %s", result.rejected, result.out_dir / "rejects.tsv")
     return 0
+
+
+def _pack_corpus(args: argparse.Namespace) -> int:
+    from liqe_dist.data.corpus import CorpusConfig, pack_corpus
+
+    name = args.name or Path(args.root.rstrip("/")).name
+    cfg = CorpusConfig(shard_max_bytes=int(args.shard_max_mb * 1024 * 1024), shard_max_count=args.shard_max_count,
+                       drop_duplicates=args.drop_duplicates, workers=args.workers,
+                       max_pixels=int(args.max_megapixels * 1_000_000))
+    result = pack_corpus(args.root, Path(args.out) / name, name, cfg, progress=not args.no_progress,
+                         force=args.force)
+    log.info("%s", result.summary(name))
+    if result.rejected:
+        log.warning("%d image(s) rejected: see %s", result.rejected, result.out_dir / "rejects.tsv")
+    if result.duplicates:
+        log.warning("%d duplicate image(s) (same decoded pixels): see %s", result.duplicates,
+                    result.out_dir / "duplicates.tsv")
+    return 0
+
+
+def cmd_score_shards(args: argparse.Namespace) -> int:
+    from liqe_dist.eval.score_shards import ModelSpec, score_shards
+
+    models = [ModelSpec.parse(m) for m in args.model]
+    summary = score_shards(args.shards, models, args.out, workers=args.workers, address=args.address,
+                           precision=args.precision, device=args.device, batch_images=args.batch_images,
+                           cpus_per_worker=args.cpus_per_worker, progress=not args.no_progress)
+    log.info("scored %d image(s) in %d shard(s) (%d already done), %d image(s) could not be scored -> %s",
+             summary.images, summary.shards, summary.skipped, summary.errors, args.out)
+    for path in summary.failed:
+        log.error("%s: left out (killed every worker that scored it); rerun to try again", path)
+    return 1 if summary.failed or summary.short else 0
 
 
 def cmd_shards_verify(args: argparse.Namespace) -> int:
@@ -296,10 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     from liqe_dist.data.adapters import ADAPTERS
 
-    p = sub.add_parser("pack", help="pack a dataset into labelled WebDataset shards")
-    p.add_argument("format", choices=sorted(ADAPTERS), help="how the dataset is distributed (csv: generic table)")
-    p.add_argument("root", help="the dataset's folder (for csv: the table; with --lists: the image folder)")
-    p.add_argument("--name", help="dataset name (default: the format)")
+    p = sub.add_parser("pack", help="pack a dataset into labelled WebDataset shards, or an unlabelled corpus "
+                                    "(format 'folder')")
+    p.add_argument("format", choices=sorted(ADAPTERS) + ["folder"],
+                   help="how the dataset is distributed (csv: generic table; folder: unlabelled images for scoring "
+                        "and gMAD, resumable)")
+    p.add_argument("root", help="the dataset's folder (for csv: the table; with --lists: the image folder; for "
+                                "folder: a folder, a list file of image paths, or a quoted glob)")
+    p.add_argument("--name", help="dataset name (default: the format; for folder: the folder's name)")
+    p.add_argument("--drop-duplicates", action="store_true",
+                   help="folder: leave out images whose decoded pixels equal an earlier image's (always reported)")
     p.add_argument("--lists", help="reference label lists: a list file, or a folder of split folders 1..10")
     p.add_argument("--out", default="shards", help="shard sets go to OUT/NAME")
     p.add_argument("--splits", type=int, default=10)
@@ -315,6 +355,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if an identical set exists")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("score-shards", help="score packed shards with several models, one parquet file per shard "
+                                            "(resumable; Ray workers or in-process)")
+    p.add_argument("shards", nargs="+", help="packed shard sets (folders) or .tar shards")
+    p.add_argument("--model", action="append", default=[], required=True, metavar="NAME=CHECKPOINT",
+                   help="a model's column name and weights file (any family); repeat for more models")
+    p.add_argument("--out", required=True, help="folder of the results: <shard>.parquet per shard, manifest.json")
+    p.add_argument("--workers", type=int, default=0,
+                   help="Ray workers (actors: one per GPU, or per --cpus-per-worker CPUs); 0: in this process")
+    p.add_argument("--address", help="Ray cluster to join (HEAD:PORT); default: a private local one")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 where the worker's hardware computes it natively, else fp32")
+    p.add_argument("--device", default="auto", help="auto (a GPU when the worker has one), cpu or cuda")
+    p.add_argument("--batch-images", type=int, default=8, help="images per forward pass")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_score_shards)
 
     shards = sub.add_parser("shards", help="inspect packed shard sets").add_subparsers(dest="shards_command", required=True)
     p = shards.add_parser("verify", help="check shards against their manifest and decode every image")

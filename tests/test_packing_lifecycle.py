@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import photo
 from liqe_dist.data.adapters import read_dataset
-from liqe_dist.data.packing import PackConfig, PackingError, _ShardSink, pack_records
+from liqe_dist.data.packing import PackConfig, PackingError, ShardSink, pack_records
 from liqe_dist.data.verify import verify_shards
 
 
@@ -61,7 +61,7 @@ def test_a_full_disk_leaves_the_previous_set_whole(tmp_path, monkeypatch):
     pack(table, out, shard_max_count=3)
     manifest = (out / "manifest.json").read_text()
     calls = {"n": 0}
-    real_write = _ShardSink.write
+    real_write = ShardSink.write
 
     def write_until_full(self, *args):
         calls["n"] += 1
@@ -69,7 +69,7 @@ def test_a_full_disk_leaves_the_previous_set_whole(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(self, *args)
 
-    monkeypatch.setattr(_ShardSink, "write", write_until_full)
+    monkeypatch.setattr(ShardSink, "write", write_until_full)
     with pytest.raises(PackingError, match=r"no space left on device while packing d; .* was left as it was"):
         pack(table, out, shard_max_count=3, force=True)
     assert (out / "manifest.json").read_text() == manifest and verify_shards(out, progress=False).ok

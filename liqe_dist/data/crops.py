@@ -21,7 +21,7 @@ The rules of the reference code, made explicit:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -147,6 +147,23 @@ def eval_crops(img: Image.Image, cfg: CropConfig = CropConfig(), source: str = "
     grid = grid_positions(tensor.shape[1], tensor.shape[2], cfg)
     picks = [grid[i] for i in eval_indices(len(grid), cfg.eval_crops)]
     return Crops(_cut(tensor, picks, cfg.size), img.size, upsampled)
+
+
+def eval_crop_sets(img: Image.Image, cfgs: list[CropConfig], source: str = "image") -> list[Crops]:
+    """:func:`eval_crops` for several configs (models of different families scoring one image):
+    the image is resized and converted once per distinct resize rule, not once per config."""
+    fitted: dict[CropConfig, tuple[torch.Tensor, tuple[int, int], bool]] = {}
+    out = []
+    for cfg in cfgs:
+        rule = replace(cfg, eval_crops=1, train_crops=1)
+        if rule not in fitted:
+            resized, upsampled = fit_size(img, cfg, source)
+            fitted[rule] = (to_uint8_tensor(resized), resized.size, upsampled)
+        tensor, size, upsampled = fitted[rule]
+        grid = grid_positions(tensor.shape[1], tensor.shape[2], cfg)
+        picks = [grid[i] for i in eval_indices(len(grid), cfg.eval_crops)]
+        out.append(Crops(_cut(tensor, picks, cfg.size), size, upsampled))
+    return out
 
 
 def train_crops(img: Image.Image, cfg: CropConfig = CropConfig(), generator: torch.Generator | None = None,

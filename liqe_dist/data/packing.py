@@ -34,7 +34,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import webdataset as wds
 from tqdm import tqdm
@@ -153,7 +153,7 @@ class PackingError(ValueError):
 
 
 @contextmanager
-def _set_lock(out_dir: Path):
+def set_lock(out_dir: Path):
     """Exclusive, non-blocking lock on a set's folder (released when the process ends, however)."""
     lock_path = out_dir.parent / f".{out_dir.name}.lock"
     with open(lock_path, "a") as f:
@@ -164,8 +164,8 @@ def _set_lock(out_dir: Path):
         yield
 
 
-def _swap_in(build: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``build``: two renames, recoverable by :func:`_recover_swap`."""
+def swap_in(build: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by ``build``: two renames, recoverable by :func:`recover_swap`."""
     old = out_dir.parent / f".{out_dir.name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
@@ -174,7 +174,7 @@ def _swap_in(build: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _recover_swap(out_dir: Path) -> None:
+def recover_swap(out_dir: Path) -> None:
     """Finish what a swap interrupted between its renames left (the lock is held)."""
     old = out_dir.parent / f".{out_dir.name}.old"
     if old.exists():
@@ -185,12 +185,16 @@ def _recover_swap(out_dir: Path) -> None:
 
 
 
-class _ShardSink:
-    """Writes samples to numbered shards, each under a temporary name until it is closed."""
+class ShardSink:
+    """Writes samples to numbered shards, each under a temporary name until it is closed.
+    ``shards``: the closed shards' manifest entries (a resumed pack passes the ones it kept);
+    ``on_close``: called after each shard is closed and renamed to its final name."""
 
-    def __init__(self, out_dir: Path, dataset: str, cfg: PackConfig):
+    def __init__(self, out_dir: Path, dataset: str, cfg, shards: list[dict] | None = None,
+                 on_close: Callable[[], None] | None = None):
         self.out_dir, self.dataset, self.cfg = out_dir, dataset, cfg
-        self.shards: list[dict] = []
+        self.shards: list[dict] = list(shards or [])
+        self.on_close = on_close
         self._writer = None
         self._buf = None
         self._count = 0
@@ -220,6 +224,8 @@ class _ShardSink:
         self.shards.append({"name": self._path.name, "samples": self._count,
                             "bytes": self._path.stat().st_size, "sha256": digest})
         self._writer = None
+        if self.on_close is not None:
+            self.on_close()
 
     def finish(self) -> list[dict]:
         if self._writer is not None:
@@ -240,8 +246,8 @@ def pack_records(records: list[Record], out_dir: Path, dataset: str, source: dic
     if cfg.order == "shuffled":
         records = list(records)
         random.Random(cfg.order_seed).shuffle(records)
-    with _set_lock(out_dir):
-        _recover_swap(out_dir)
+    with set_lock(out_dir):
+        recover_swap(out_dir)
         manifest_path = out_dir / MANIFEST
         if manifest_path.exists() and not force:
             old = json.loads(manifest_path.read_text())
@@ -253,7 +259,7 @@ def pack_records(records: list[Record], out_dir: Path, dataset: str, source: dic
         build.mkdir()
         try:
             result = _write_set(records, build, dataset, source, cfg, split_info, fingerprint, progress)
-            _swap_in(build, out_dir)
+            swap_in(build, out_dir)
         except BaseException as exc:
             shutil.rmtree(build, ignore_errors=True)
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -267,7 +273,7 @@ def pack_records(records: list[Record], out_dir: Path, dataset: str, source: dic
 def _write_set(records: list[Record], out_dir: Path, dataset: str, source: dict, cfg: PackConfig,
                split_info: dict, fingerprint: str, progress: bool) -> PackResult:
     """Validate and write every record into the (new, empty) folder ``out_dir``."""
-    sink = _ShardSink(out_dir, dataset, cfg)
+    sink = ShardSink(out_dir, dataset, cfg)
     rejects = []
     label_counts = {"mos": 0, "mos_std": 0, "scenes": 0, "distortion": 0, "reference": 0}
     written: list[Record] = []

@@ -87,13 +87,14 @@ def shards_info(root: str | Path) -> list[dict]:
     for d in dirs:
         m = read_manifest(d)
         try:
-            first = m["splits"]["counts"][0]
+            corpus = m.get("kind") == "corpus"  # unlabelled: no splits, no MOS
+            first = {"train": "-", "val": "-", "test": "-"} if corpus else m["splits"]["counts"][0]
             row = {
                 "dataset": m["dataset"], "samples": m["samples"], "rejected": m["rejected"],
                 "shards": len(m["shards"]), "MB": round(sum(s["bytes"] for s in m["shards"]) / 1e6, 1),
-                "splits": f"{m['splits']['count']} by {m['splits']['by']}",
+                "splits": "none (corpus)" if corpus else f"{m['splits']['count']} by {m['splits']['by']}",
                 "split 1 train/val/test": f"{first['train']}/{first['val']}/{first['test']}",
-                "MOS range": f"{m['mos_range'][0]:.3g}..{m['mos_range'][1]:.3g}",
+                "MOS range": "-" if corpus else f"{m['mos_range'][0]:.3g}..{m['mos_range'][1]:.3g}",
                 "scenes": m["labels"]["scenes"], "distortion": m["labels"]["distortion"], "path": str(d),
             }
         except (KeyError, IndexError, TypeError) as exc:
