@@ -134,6 +134,25 @@ def cmd_score_shards(args: argparse.Namespace) -> int:
     return 1 if summary.failed or summary.short else 0
 
 
+def cmd_gmad(args: argparse.Namespace) -> int:
+    from liqe_dist.gmad.report import format_summary, summary_rows, write_report
+    from liqe_dist.gmad.scores import read_scores
+    from liqe_dist.gmad.search import LevelRule, search
+
+    rule = LevelRule(levels=args.levels, kind=args.kind, trim=args.trim, width=args.width,
+                     min_images=args.min_images)
+    corpus = read_scores(args.scores, args.models)
+    log.info("searching %d images (%d unscored left out), %d ordered model pairs x %d levels", len(corpus.keys),
+             corpus.dropped, len(args.models) * (len(args.models) - 1), rule.levels)
+    result = search(corpus.scores, args.models, rule, corpus.hashes)
+    files = write_report(result, corpus, args.models, rule, args.out, args.shards)
+    print(format_summary(summary_rows(result, args.models, rule), args.models))
+    for d, a, k, why in result.skipped:
+        log.warning("defender %s, attacker %s: level %d skipped (%s)", d, a, k + 1, why)
+    log.info("%d pairs -> %s; open %s", len(result.pairs), files["pairs"], files["page"])
+    return 0
+
+
 def cmd_shards_verify(args: argparse.Namespace) -> int:
     from liqe_dist.data.verify import verify_shards
 
@@ -372,6 +391,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-images", type=int, default=8, help="images per forward pass")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_score_shards)
+
+    p = sub.add_parser("gmad", help="gMAD competition: search the pairs of every (defender, attacker) in a "
+                                    "score-shards folder; pairs.csv, an HTML page, PNG sheets")
+    p.add_argument("scores", help="a score-shards output folder")
+    p.add_argument("--models", nargs="+", required=True, help="two or more model columns of the scores")
+    p.add_argument("--levels", type=int, default=6, help="levels per defender (K)")
+    p.add_argument("--kind", choices=["uniform", "quantile"], default="uniform",
+                   help="uniform: levels equally spaced over the defender's scores; quantile: over its ranks")
+    p.add_argument("--trim", type=float, default=0.01, help="fraction of each tail left out of the level range")
+    p.add_argument("--width", type=float, default=0.25,
+                   help="a level holds the images within +- WIDTH level spacings of its centre (<= 0.5)")
+    p.add_argument("--min-images", type=int, default=2, help="fewer candidates: the level is skipped")
+    p.add_argument("--shards", nargs="*", default=[], help="shard sets whose images the pairs show (default: the "
+                                                           "ones the scores' manifest names)")
+    p.add_argument("--out", default="gmad", help="folder for pairs.csv, summary.csv, index.html, sheets/")
+    p.set_defaults(func=cmd_gmad)
 
     shards = sub.add_parser("shards", help="inspect packed shard sets").add_subparsers(dest="shards_command", required=True)
     p = shards.add_parser("verify", help="check shards against their manifest and decode every image")

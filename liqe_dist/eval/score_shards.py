@@ -248,6 +248,8 @@ def _check_manifest(out_dir: Path, models: list[ModelSpec], digests: dict[str, s
                                    f"{sorted(before)}, {old.get('precision_requested')}); score into another --out")
         return old
     manifest = {"format": FORMAT, "models": entry, "precision_requested": precision, "shard_sets": sets,
+                "inputs": sorted({str(Path(j.path).resolve().parent) for j in jobs}
+                                 | {str(Path(j.path).resolve()) for j in jobs if j.samples is None}),
                 "shards": len(jobs), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))

@@ -1,0 +1,237 @@
+"""What a gMAD search leaves for people: ``pairs.csv``, ``summary.csv``, an HTML page with every
+pair side by side, and one PNG contact sheet per (defender, attacker).
+
+In a pair, the left image is the attacker's best and the right its worst; both are shown in
+boxes of one size (scaled to fit, aspect kept) with every model's score and the attacker's rank.
+The summary gives, per (defender, attacker), the pairs found and the mean and smallest *rank gap*:
+how far apart, in the attacker's ranking of the whole corpus (0..1), the two images of a level
+are. A large gap means the attacker strongly separates images the defender calls equal; whether
+the attacker is right is for the observers (``pairs.csv`` is their input).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from liqe_dist.gmad.scores import Corpus, extract_images, shard_paths
+from liqe_dist.gmad.search import LevelRule, SearchResult, sorted_ranks
+
+log = logging.getLogger(__name__)
+
+BOX = 320          # px: the side of the square each image is fitted into, on the page and the sheets
+
+
+def corpus_ranks(corpus: Corpus, models: list[str]) -> dict[str, np.ndarray]:
+    """Each model's scaled rank (0 worst .. 1 best, ties share) of every image."""
+    out = {}
+    for m in models:
+        order = np.argsort(corpus.scores[m], kind="stable")
+        ranks = np.empty(len(order))
+        ranks[order] = sorted_ranks(corpus.scores[m][order])
+        out[m] = ranks
+    return out
+
+
+def pair_rows(result: SearchResult, corpus: Corpus, models: list[str]) -> list[dict]:
+    """One dict per pair: roles, level, both images (key, source) and every model's score and rank."""
+    ranks = corpus_ranks(corpus, models)
+    rows = []
+    for i, p in enumerate(result.pairs):
+        row = {"pair": i, "defender": p.defender, "attacker": p.attacker, "level": p.level,
+               "level_centre": round(p.centre, 6), "candidates": p.candidates, "rank_gap": round(p.gap, 6),
+               "best_key": corpus.keys[p.best], "worst_key": corpus.keys[p.worst],
+               "best_source": corpus.sources[p.best], "worst_source": corpus.sources[p.worst]}
+        for side, idx in (("best", p.best), ("worst", p.worst)):
+            for m in models:
+                row[f"{side}_{m}"] = round(float(corpus.scores[m][idx]), 6)
+                row[f"{side}_{m}_rank"] = round(float(ranks[m][idx]), 6)
+        rows.append(row)
+    return rows
+
+
+def summary_rows(result: SearchResult, models: list[str], rule: LevelRule) -> list[dict]:
+    rows = []
+    for d in models:
+        for a in models:
+            if a == d:
+                continue
+            gaps = [p.gap for p in result.pairs if (p.defender, p.attacker) == (d, a)]
+            skipped = [s for s in result.skipped if (s[0], s[1]) == (d, a)]
+            rows.append({"defender": d, "attacker": a, "pairs": len(gaps), "levels": rule.levels,
+                         "skipped_levels": len(skipped),
+                         "mean_rank_gap": round(float(np.mean(gaps)), 4) if gaps else float("nan"),
+                         "min_rank_gap": round(float(np.min(gaps)), 4) if gaps else float("nan")})
+    return rows
+
+
+def format_summary(rows: list[dict], models: list[str]) -> str:
+    """The mean rank gap as a matrix: rows defenders, columns attackers."""
+    width = max(10, *(len(m) + 2 for m in models))
+    lines = ["mean rank gap (attacker's ranking, 0..1) of each defender's level pairs; rows: defender, "
+             "columns: attacker",
+             "defender".ljust(width) + "".join(m.rjust(width) for m in models)]
+    gap = {(r["defender"], r["attacker"]): r for r in rows}
+    for d in models:
+        cells = []
+        for a in models:
+            r = gap.get((d, a))
+            cells.append("-".rjust(width) if r is None else f"{r['mean_rank_gap']:.3f} ({r['pairs']})".rjust(width))
+        lines.append(d.ljust(width) + "".join(cells))
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        if not rows:
+            return
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_report(result: SearchResult, corpus: Corpus, models: list[str], rule: LevelRule, out_dir: str | Path,
+                 shards: list[str | Path] = ()) -> dict[str, Path]:
+    """Write pairs.csv, summary.csv, skipped.csv, images/, index.html and sheets/*.png into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = pair_rows(result, corpus, models)
+    summary = summary_rows(result, models, rule)
+    write_csv(out / "pairs.csv", rows)
+    write_csv(out / "summary.csv", summary)
+    write_csv(out / "skipped.csv", [{"defender": d, "attacker": a, "level": k, "reason": why}
+                                    for d, a, k, why in result.skipped])
+    wanted = {}
+    for r in rows:
+        for side in ("best", "worst"):
+            wanted[r[f"{side}_key"]] = f"{r['pair']:05d}_{side}"
+    names = extract_images(wanted, corpus, shard_paths(corpus.manifest, shards), out / "images") if wanted else {}
+    page = out / "index.html"
+    page.write_text(render_page(rows, summary, models, rule, names, corpus), encoding="utf-8")
+    sheets = write_sheets(rows, models, names, out / "images", out / "sheets")
+    return {"pairs": out / "pairs.csv", "summary": out / "summary.csv", "page": page, **sheets}
+
+
+def _caption(row: dict, side: str, models: list[str]) -> str:
+    parts = []
+    for m in models:
+        role = " (attacker)" if m == row["attacker"] else " (defender)" if m == row["defender"] else ""
+        parts.append(f"<b>{html.escape(m)}</b>{role}: {row[f'{side}_{m}']:.3f} "
+                     f"<span class=rank>rank {row[f'{side}_{m}_rank']:.2f}</span>")
+    return "<br>".join(parts)
+
+
+STYLE = f"""
+body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
+table.summary td, table.summary th {{ padding: 0.2em 0.8em; text-align: right; }}
+table.summary caption {{ caption-side: bottom; text-align: left; font-size: 0.85em; color: #555; }}
+section {{ margin-top: 2em; }}
+.pair {{ display: flex; gap: 1.5em; align-items: flex-start; margin: 1em 0; padding-bottom: 1em;
+         border-bottom: 1px solid #ddd; }}
+.level {{ width: 9em; font-size: 0.9em; }}
+figure {{ margin: 0; width: {BOX}px; }}
+figure img {{ width: {BOX}px; height: {BOX}px; object-fit: contain; background: #eee; display: block; }}
+figcaption {{ font-size: 0.85em; margin-top: 0.3em; }}
+.rank {{ color: #777; }}
+"""
+
+# Sets <body data-loaded="N"> once every image has loaded (N = images shown): a check for tests
+# and for people on slow file systems.
+SCRIPT = """
+window.addEventListener('load', () => {
+  const imgs = [...document.querySelectorAll('figure img')];
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.loaded = ok;
+  document.getElementById('status').textContent = ok + ' of ' + imgs.length + ' images loaded';
+});
+"""
+
+
+def render_page(rows: list[dict], summary: list[dict], models: list[str], rule: LevelRule,
+                names: dict[str, str], corpus: Corpus) -> str:
+    """The HTML page: the summary matrix, then one section per (defender, attacker)."""
+    e = html.escape
+    head = "".join(f"<th>{e(m)}</th>" for m in models)
+    gap = {(r["defender"], r["attacker"]): r for r in summary}
+    body_rows = []
+    for d in models:
+        cells = "".join("<td>-</td>" if a == d else
+                        f"<td>{gap[d, a]['mean_rank_gap']:.3f} ({gap[d, a]['pairs']} pairs)</td>" for a in models)
+        body_rows.append(f"<tr><th>{e(d)}</th>{cells}</tr>")
+    sections = []
+    for d in models:
+        for a in models:
+            if a == d:
+                continue
+            items = []
+            for r in (r for r in rows if (r["defender"], r["attacker"]) == (d, a)):
+                items.append(
+                    f"<div class=pair><div class=level>level {r['level'] + 1} of {rule.levels}<br>"
+                    f"{e(d)} ≈ {r['level_centre']:.3f}<br>{r['candidates']} candidates<br>"
+                    f"rank gap {r['rank_gap']:.3f}</div>"
+                    f"<figure><img src='images/{e(names[r['best_key']])}' alt='{e(r['best_source'])}'>"
+                    f"<figcaption>{e(a)}'s best: {e(r['best_source'])}<br>{_caption(r, 'best', models)}"
+                    f"</figcaption></figure>"
+                    f"<figure><img src='images/{e(names[r['worst_key']])}' alt='{e(r['worst_source'])}'>"
+                    f"<figcaption>{e(a)}'s worst: {e(r['worst_source'])}<br>{_caption(r, 'worst', models)}"
+                    f"</figcaption></figure></div>")
+            sections.append(f"<section><h2>defender {e(d)}, attacker {e(a)}</h2>"
+                            f"<p>{e(d)} scores the two images of each row alike; {e(a)} calls the left one its best "
+                            f"and the right one its worst of the level.</p>{''.join(items) or '<p>no pairs</p>'}"
+                            f"</section>")
+    levels = (f"{rule.levels} {rule.kind} levels over each defender's "
+              f"{'scores' if rule.kind == 'uniform' else 'ranks'} between its {rule.trim:g} and "
+              f"{1 - rule.trim:g} quantiles, each the images within ±{rule.width:g} level spacings of its centre")
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>gMAD: {e(', '.join(models))}</title>"
+            f"<style>{STYLE}</style><script>{SCRIPT}</script></head><body data-loaded=0>"
+            f"<h1>gMAD competition: {e(', '.join(models))}</h1>"
+            f"<p>{len(corpus.keys)} images searched ({corpus.dropped} left out: unscored); {e(levels)}; "
+            f"{len(rows)} pairs. <span id=status></span></p>"
+            f"<table class=summary><caption>mean rank gap of the pairs (attacker's ranking, 0..1; "
+            f"rows: defender, columns: attacker)</caption><tr><th></th>{head}</tr>{''.join(body_rows)}</table>"
+            f"{''.join(sections)}</body></html>")
+
+
+def write_sheets(rows: list[dict], models: list[str], names: dict[str, str], images: Path,
+                 out_dir: Path) -> dict[str, Path]:
+    """One PNG per (defender, attacker): a row per level, the attacker's best left, worst right,
+    each fitted into a BOX x BOX square, with the scores written under it."""
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    font = ImageFont.load_default(size=14)
+    text_h = 18 * (len(models) + 1)
+    margin = 12
+    for d in models:
+        for a in models:
+            group = [r for r in rows if (r["defender"], r["attacker"]) == (d, a)]
+            if a == d or not group:
+                continue
+            width = 2 * BOX + 3 * margin + 140
+            height = 28 + len(group) * (BOX + text_h + margin) + margin
+            sheet = Image.new("RGB", (width, height), "white")
+            draw = ImageDraw.Draw(sheet)
+            draw.text((margin, 8), f"defender {d} (rows: its levels), attacker {a}: best left, worst right",
+                      fill="black", font=font)
+            y = 28
+            for r in group:
+                draw.text((margin, y + 4), f"level {r['level'] + 1}\n{d} ~ {r['level_centre']:.3f}\n"
+                                           f"gap {r['rank_gap']:.3f}", fill="black", font=font)
+                for col, side in enumerate(("best", "worst")):
+                    x = 140 + margin + col * (BOX + margin)
+                    with Image.open(images / names[r[f"{side}_key"]]) as img:
+                        tile = ImageOps.pad(img.convert("RGB"), (BOX, BOX), color=(238, 238, 238))
+                    sheet.paste(tile, (x, y))
+                    lines = [f"{a}'s {side}"] + [f"{m}: {r[f'{side}_{m}']:.3f} (rank {r[f'{side}_{m}_rank']:.2f})"
+                                                 for m in models]
+                    draw.text((x, y + BOX + 2), "\n".join(lines), fill="black", font=font)
+                y += BOX + text_h + margin
+            path = out_dir / f"{d}_vs_{a}.png"
+            sheet.save(path)
+            written[f"sheet {d} vs {a}"] = path
+    return written
