@@ -126,7 +126,8 @@ def cmd_score_shards(args: argparse.Namespace) -> int:
     models = [ModelSpec.parse(m) for m in args.model]
     summary = score_shards(args.shards, models, args.out, workers=args.workers, address=args.address,
                            precision=args.precision, device=args.device, batch_images=args.batch_images,
-                           cpus_per_worker=args.cpus_per_worker, progress=not args.no_progress)
+                           cpus_per_worker=args.cpus_per_worker, eval_crops=args.eval_crops,
+                           progress=not args.no_progress)
     log.info("scored %d image(s) in %d shard(s) (%d already done), %d image(s) could not be scored -> %s",
              summary.images, summary.shards, summary.skipped, summary.errors, args.out)
     for path in summary.failed:
@@ -135,20 +136,13 @@ def cmd_score_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_gmad(args: argparse.Namespace) -> int:
-    from liqe_dist.gmad.report import format_summary, summary_rows, write_report
-    from liqe_dist.gmad.scores import read_scores
-    from liqe_dist.gmad.search import LevelRule, search
+    from liqe_dist.gmad.report import run_gmad
+    from liqe_dist.gmad.search import LevelRule
 
     rule = LevelRule(levels=args.levels, kind=args.kind, trim=args.trim, width=args.width,
                      min_images=args.min_images)
-    corpus = read_scores(args.scores, args.models)
-    log.info("searching %d images (%d unscored left out), %d ordered model pairs x %d levels", len(corpus.keys),
-             corpus.dropped, len(args.models) * (len(args.models) - 1), rule.levels)
-    result = search(corpus.scores, args.models, rule, corpus.hashes)
-    files = write_report(result, corpus, args.models, rule, args.out, args.shards)
-    print(format_summary(summary_rows(result, args.models, rule), args.models))
-    for d, a, k, why in result.skipped:
-        log.warning("defender %s, attacker %s: level %d skipped (%s)", d, a, k + 1, why)
+    result, files, summary = run_gmad(args.scores, args.models, rule, args.out, args.shards)
+    print(summary)
     log.info("%d pairs -> %s; open %s", len(result.pairs), files["pairs"], files["page"])
     return 0
 
@@ -389,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 where the worker's hardware computes it natively, else fp32")
     p.add_argument("--device", default="auto", help="auto (a GPU when the worker has one), cpu or cuda")
     p.add_argument("--batch-images", type=int, default=8, help="images per forward pass")
+    p.add_argument("--eval-crops", type=int, help="crops per image for every model (default: each family's own, "
+                                                  "LIQE 15, PMT-IQA 4; fewer is faster and less exact)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_score_shards)
 

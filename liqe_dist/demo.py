@@ -97,14 +97,39 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(f"{name}: SRCC gain {gain:+.3f} < {MIN_GAIN}")
     print("\nThe synthetic pseudo-MOS is the mean 100 x SSIM of each distortion type and level over the references:\n"
           "a check that training works, not human opinion.")
+    print("\n6. gMAD: the trained model against its untrained start, over an unlabelled corpus")
+    gmad_page = gmad_demo(out, run_dir, cfg)
     print(f"\nplots:       {run_dir}/curves.png (losses, task weights), {run_dir}/scatter.png (score vs MOS)")
     print(f"metrics:     {run_dir}/steps.csv, {run_dir}/eval.csv, TensorBoard: tensorboard --logdir {run_dir}/tb")
     print(f"weights:     {run_dir}/best.safetensors, {run_dir}/final.safetensors, {run_dir}/untrained.safetensors")
     print(f"checkpoints: {run_dir}/checkpoints (resumable training state)")
+    print(f"gMAD:        {gmad_page} (pairs.csv, summary.csv and sheets/ beside it)")
     if failed:
         print("\nFAILED: the trained model does not clearly beat the untrained one (" + "; ".join(failed) + ")")
         return 1
     return 0
+
+
+def gmad_demo(out: Path, run_dir: Path, cfg: TrainConfig) -> Path:
+    """Pack levels 1, 3 and 5 of every synthetic distortion as an unlabelled corpus, score it
+    with the trained and the untrained model on the run's Ray workers, search the gMAD pairs."""
+    from liqe_dist.data.corpus import CorpusConfig, pack_corpus
+    from liqe_dist.eval.score_shards import ModelSpec, score_shards
+    from liqe_dist.gmad.report import run_gmad
+    from liqe_dist.gmad.search import LevelRule
+
+    corpus = pack_corpus(f"{out}/synthetic/*/*_[135].png", out / "shards" / "corpus", "corpus",
+                         CorpusConfig(shard_max_count=30))
+    print("   " + corpus.summary("corpus"))
+    scores, pages = out / "gmad" / "scores", out / "gmad" / "pairs"
+    shutil.rmtree(out / "gmad", ignore_errors=True)  # new weights every run: old scores are stale
+    models = [ModelSpec("trained", str(run_dir / "best.safetensors")),
+              ModelSpec("untrained", str(run_dir / "untrained.safetensors"))]
+    summary = score_shards([corpus.out_dir], models, scores, workers=cfg.workers, eval_crops=cfg.crops.eval_crops)
+    print(f"   scored {summary.images} images with 2 models on {cfg.workers} Ray workers -> {scores}")
+    _, files, matrix = run_gmad(scores, ["trained", "untrained"], LevelRule(levels=5), pages)
+    print("   " + matrix.replace("\n", "\n   "))
+    return files["page"]
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ class ShardScorer:
     """The models of one worker, and how it scores a shard into a table."""
 
     def __init__(self, models: list[ModelSpec], precision: str = "auto", device: str = "auto",
-                 batch_images: int = 8):
+                 batch_images: int = 8, eval_crops: int | None = None):
         import torch
 
         from liqe_dist.eval.scoring import Scorer, default_crops
@@ -132,7 +132,8 @@ class ShardScorer:
         self.scorers = []
         for spec in models:
             model = load_model(spec.checkpoint, precision=self.precision)
-            self.scorers.append(Scorer(model, default_crops(model), batch_images=batch_images, device=self.device))
+            crops = default_crops(model, **({"eval_crops": eval_crops} if eval_crops else {}))
+            self.scorers.append(Scorer(model, crops, batch_images=batch_images, device=self.device))
         self.families = {n: s.model.family for n, s in zip(self.names, self.scorers)}
         self.batch_images = batch_images
         self._torch = torch
@@ -229,7 +230,7 @@ class ScoreSummary:
 
 
 def _check_manifest(out_dir: Path, models: list[ModelSpec], digests: dict[str, str], precision: str,
-                    sets: list[str], jobs: list[ShardJob]) -> dict:
+                    eval_crops: int | None, sets: list[str], jobs: list[ShardJob]) -> dict:
     """Write the scores' manifest, or check that an existing one names the same models."""
     from liqe_dist.models.weights import file_family, read_state_dict
 
@@ -243,11 +244,15 @@ def _check_manifest(out_dir: Path, models: list[ModelSpec], digests: dict[str, s
         old = json.loads(path.read_text())
         before = {n: e["sha256"] for n, e in old.get("models", {}).items()}
         now = {n: e["sha256"] for n, e in entry.items()}
-        if old.get("format") != FORMAT or before != now or old.get("precision_requested") != precision:
-            raise ScoreShardsError(f"{out_dir} holds scores of other models or precision ({path}: "
-                                   f"{sorted(before)}, {old.get('precision_requested')}); score into another --out")
+        if (old.get("format") != FORMAT or before != now or old.get("precision_requested") != precision
+                or old.get("eval_crops") != eval_crops):
+            raise ScoreShardsError(f"{out_dir} holds scores of other models, precision or crops ({path}: "
+                                   f"{sorted(before)}, {old.get('precision_requested')}, eval_crops "
+                                   f"{old.get('eval_crops')}); score into another --out")
         return old
-    manifest = {"format": FORMAT, "models": entry, "precision_requested": precision, "shard_sets": sets,
+    manifest = {"format": FORMAT, "models": entry, "precision_requested": precision,
+                "eval_crops": eval_crops,  # None: each family's own count (LIQE 15, PMT-IQA 4)
+                "shard_sets": sets,
                 "inputs": sorted({str(Path(j.path).resolve().parent) for j in jobs}
                                  | {str(Path(j.path).resolve()) for j in jobs if j.samples is None}),
                 "shards": len(jobs), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -258,7 +263,8 @@ def _check_manifest(out_dir: Path, models: list[ModelSpec], digests: dict[str, s
 
 def score_shards(inputs: list[str | Path], models: list[ModelSpec], out_dir: str | Path, workers: int = 0,
                  address: str | None = None, precision: str = "auto", device: str = "auto",
-                 batch_images: int = 8, cpus_per_worker: float = 1.0, progress: bool = True) -> ScoreSummary:
+                 batch_images: int = 8, cpus_per_worker: float = 1.0, eval_crops: int | None = None,
+                 progress: bool = True) -> ScoreSummary:
     """Score every shard of ``inputs`` that ``out_dir`` lacks (see the module docstring)."""
     if not models:
         raise ScoreShardsError("give at least one --model NAME=CHECKPOINT")
@@ -269,7 +275,7 @@ def score_shards(inputs: list[str | Path], models: list[ModelSpec], out_dir: str
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs, sets = find_shards(inputs, out_dir)
     digests = {m.name: file_sha256(m.checkpoint) for m in models}
-    manifest = _check_manifest(out_dir, models, digests, precision, sets, jobs)
+    manifest = _check_manifest(out_dir, models, digests, precision, eval_crops, sets, jobs)
     todo = [j for j in jobs if not Path(j.out).exists()]
     summary = ScoreSummary(skipped=len(jobs) - len(todo))
     if summary.skipped:
@@ -291,12 +297,12 @@ def score_shards(inputs: list[str | Path], models: list[ModelSpec], out_dir: str
 
     try:
         if workers <= 0:
-            scorer = ShardScorer(models, precision, device, batch_images)
+            scorer = ShardScorer(models, precision, device, batch_images, eval_crops)
             for job in todo:
                 done(job, scorer.score_to_file(job))
         else:
-            _score_on_ray(todo, models, workers, address, precision, device, batch_images, cpus_per_worker,
-                          done, summary, bar)
+            _score_on_ray(todo, models, workers, address, precision, device, batch_images, eval_crops,
+                          cpus_per_worker, done, summary, bar)
     finally:
         bar.close()
     if runs:
@@ -311,7 +317,8 @@ def score_shards(inputs: list[str | Path], models: list[ModelSpec], out_dir: str
 
 
 def _score_on_ray(todo: list[ShardJob], models: list[ModelSpec], workers: int, address: str | None,
-                  precision: str, device: str, batch_images: int, cpus_per_worker: float, done,
+                  precision: str, device: str, batch_images: int, eval_crops: int | None, cpus_per_worker: float,
+                  done,
                   summary: ScoreSummary, bar) -> None:
     """Shards from a queue to ``workers`` Ray actors; a dead actor's shard goes back to the queue."""
     import ray
@@ -329,10 +336,14 @@ def _score_on_ray(todo: list[ShardJob], models: list[ModelSpec], workers: int, a
             import torch
 
             torch.set_num_threads(threads)
-            self.scorer = ShardScorer(models, precision, device, batch_images)
+            self.error = ""
+            try:  # reported by where(): a clear line instead of Ray's wrapped traceback
+                self.scorer = ShardScorer(models, precision, device, batch_images, eval_crops)
+            except Exception as exc:
+                self.error = f"{type(exc).__name__}: {exc}"
 
-        def where(self) -> tuple[int, str]:
-            return os.getpid(), ray.util.get_node_ip_address()
+        def where(self) -> tuple[int, str, str]:
+            return os.getpid(), ray.util.get_node_ip_address(), self.error
 
         def score(self, job: ShardJob) -> dict:
             return self.scorer.score_to_file(job)
@@ -347,7 +358,10 @@ def _score_on_ray(todo: list[ShardJob], models: list[ModelSpec], workers: int, a
     def start_worker() -> None:
         nonlocal next_id
         actor = ShardWorker.options(**options).remote()
-        pid, node = ray.get(actor.where.remote())
+        pid, node, error = ray.get(actor.where.remote())
+        if error:
+            ray.kill(actor)
+            raise ScoreShardsError(f"a worker on {node} could not load the models: {error}")
         log.info("worker %d: pid %d on %s", next_id, pid, node)
         actors[next_id] = actor
         rates[next_id] = [0, 0.0]

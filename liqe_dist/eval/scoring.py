@@ -110,7 +110,7 @@ def _collate(batch):
 
 def default_crops(model: IQAModel, **changes) -> CropConfig:
     """The crops a family is scored with: its crop size and count (LIQE 15, PMT-IQA 4)."""
-    return CropConfig(size=model.crop_size, eval_crops=model.eval_crops, **changes)
+    return CropConfig(**{"size": model.crop_size, "eval_crops": model.eval_crops, **changes})
 
 
 class Scorer:

@@ -18,12 +18,26 @@ from pathlib import Path
 
 import numpy as np
 
-from liqe_dist.gmad.scores import Corpus, extract_images, shard_paths
-from liqe_dist.gmad.search import LevelRule, SearchResult, sorted_ranks
+from liqe_dist.gmad.scores import Corpus, extract_images, read_scores, shard_paths
+from liqe_dist.gmad.search import LevelRule, SearchResult, search, sorted_ranks
 
 log = logging.getLogger(__name__)
 
 BOX = 320          # px: the side of the square each image is fitted into, on the page and the sheets
+
+
+def run_gmad(scores_dir: str | Path, models: list[str], rule: LevelRule, out_dir: str | Path,
+             shards: list[str | Path] = ()) -> tuple[SearchResult, dict[str, Path], str]:
+    """The whole competition over a ``score-shards`` folder: read, search, write the report;
+    returns the search result, the files written and the summary matrix as text."""
+    corpus = read_scores(scores_dir, models)
+    log.info("searching %d images (%d unscored left out), %d ordered model pairs x %d levels", len(corpus.keys),
+             corpus.dropped, len(models) * (len(models) - 1), rule.levels)
+    result = search(corpus.scores, models, rule, corpus.hashes)
+    files = write_report(result, corpus, models, rule, out_dir, shards)
+    for d, a, k, why in result.skipped:
+        log.warning("defender %s, attacker %s: level %d skipped (%s)", d, a, k + 1, why)
+    return result, files, format_summary(summary_rows(result, models, rule), models)
 
 
 def corpus_ranks(corpus: Corpus, models: list[str]) -> dict[str, np.ndarray]:
