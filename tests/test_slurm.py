@@ -165,6 +165,39 @@ def test_training_job_on_two_nodes(cluster, shards, tmp_path):
     assert not (Path(cluster.env["LIQE_SLURM_STATE"]) / job / "token").exists()  # the token went with the job
 
 
+def test_scoring_job_on_two_nodes(cluster, tmp_path):
+    """`sbatch -N 2 slurm/score.sbatch SHARDS --model ... --out ...`: one worker per CPU on both
+    nodes, every image scored once."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from liqe_dist.data.corpus import CorpusConfig, pack_corpus
+    from liqe_dist.models.liqe.config import LIQEConfig
+    from liqe_dist.models.registry import build_model
+    from liqe_dist.models.weights import save_weights
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos").mkdir()
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(tmp_path / "photos" / f"{i}.png")
+    corpus = pack_corpus(tmp_path / "photos", tmp_path / "shards" / "photos", "photos",
+                         CorpusConfig(shard_max_count=2, workers=1), progress=False)
+    save_weights(build_model(LIQEConfig(name="liqe-tiny")), tmp_path / "tiny.safetensors")
+    log = tmp_path / "score.out"
+    job = cluster.submit("slurm/score.sbatch", str(corpus.out_dir), "--model", f"tiny={tmp_path / 'tiny.safetensors'}",
+                         "--out", str(tmp_path / "scores"), "--eval-crops", "1", "--no-progress",
+                         sbatch=TWO_NODES, out=log)
+    info = cluster.wait(job)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    assert {node for node in NODE_ADDRS if f"on {node}" in text} == NODE_ADDRS  # workers on both nodes
+    keys = [k for p in (tmp_path / "scores").glob("*.parquet") for k in pq.read_table(p).column("key").to_pylist()]
+    assert len(keys) == 16 and len(set(keys)) == 16
+    assert json.loads((tmp_path / "scores" / "manifest.json").read_text())["complete"]
+    assert_no_ray_left(job)
+
+
 def test_bad_config_fails_the_job_fast_without_starting_ray(cluster, tmp_path):
     log = tmp_path / "bad.out"
     started = time.time()
