@@ -133,7 +133,10 @@ class ShardScorer:
         for spec in models:
             model = load_model(spec.checkpoint, precision=self.precision)
             crops = default_crops(model, **({"eval_crops": eval_crops} if eval_crops else {}))
-            self.scorers.append(Scorer(model, crops, batch_images=batch_images, device=self.device))
+            scorer = Scorer(model, crops, batch_images=batch_images, device=self.device)
+            with torch.inference_mode():  # warm up: LIQE encodes (and caches) its 495 prompts on first use
+                scorer.predict(torch.zeros(1, 1, 3, crops.size, crops.size, dtype=torch.uint8))
+            self.scorers.append(scorer)
         self.families = {n: s.model.family for n, s in zip(self.names, self.scorers)}
         self.batch_images = batch_images
         self._torch = torch
@@ -225,6 +228,7 @@ class ScoreSummary:
     skipped: int = 0         # already scored by an earlier run
     images: int = 0          # scored now
     errors: int = 0          # images that could not be scored (rows with an error)
+    busy_seconds: float = 0.0  # summed over workers: time spent scoring shards (start-up excluded)
     failed: list[str] = field(default_factory=list)   # shards left out after MAX_ATTEMPTS
     short: list[str] = field(default_factory=list)    # shards with fewer rows than their manifest says
 
@@ -289,6 +293,7 @@ def score_shards(inputs: list[str | Path], models: list[ModelSpec], out_dir: str
         summary.shards += 1
         summary.images += result["images"]
         summary.errors += result["errors"]
+        summary.busy_seconds += result["seconds"]
         if job.samples is not None and result["images"] != job.samples:
             summary.short.append(f"{job.path}: {result['images']} rows, the manifest says {job.samples}")
             log.error("%s", summary.short[-1])
