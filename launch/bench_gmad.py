@@ -117,7 +117,7 @@ def bench_scoring(root: Path, folder: Path, shards: Path, model_name: str) -> No
     print(f"\n# corpus scoring: {n} images 512x384, LIQE {model_name} (random weights), 15 crops per image")
     print("| scorer | precision | workers | wall s | img/s (wall) | img/s per worker (steady) | vs `liqe-dist score` |")
     print("|---|---|---|---|---|---|---|")
-    scorer = Scorer(load_model(str(ckpt)), batch_images=8)
+    scorer = Scorer(load_model(str(ckpt)))
     scorer.score(files[:1])  # warm-up
     t0 = time.perf_counter()
     scorer.score(files)

@@ -333,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     p.add_argument("-o", "--output", help="write here instead of standard output")
-    p.add_argument("--batch-images", type=int, default=8, help="images per forward pass (x the family's crops: "
-                                                                 "LIQE 15, PMT-IQA 4)")
+    p.add_argument("--batch-images", type=int, help="images per forward pass, x the family's crops (LIQE 15, "
+                                                    "PMT-IQA 4); default 2 on the CPU, 16 on a GPU")
     p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
     p.add_argument("--small-images", choices=["upsample", "refuse"], default="upsample",
                    help="images with a side under 224 px: upscale (flagged in the output) or refuse")
@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 where the worker's hardware computes it natively, else fp32")
     p.add_argument("--device", default="auto", help="auto (a GPU when the worker has one), cpu or cuda")
-    p.add_argument("--batch-images", type=int, default=8, help="images per forward pass")
+    p.add_argument("--batch-images", type=int, help="images per forward pass (default 2 on the CPU, 16 on a GPU)")
     p.add_argument("--eval-crops", type=int, help="crops per image for every model (default: each family's own, "
                                                   "LIQE 15, PMT-IQA 4; fewer is faster and less exact)")
     p.add_argument("--no-progress", action="store_true")

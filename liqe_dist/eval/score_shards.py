@@ -119,7 +119,7 @@ class ShardScorer:
     """The models of one worker, and how it scores a shard into a table."""
 
     def __init__(self, models: list[ModelSpec], precision: str = "auto", device: str = "auto",
-                 batch_images: int = 8, eval_crops: int | None = None):
+                 batch_images: int | None = None, eval_crops: int | None = None):
         import torch
 
         from liqe_dist.eval.scoring import Scorer, default_crops
@@ -138,7 +138,7 @@ class ShardScorer:
                 scorer.predict(torch.zeros(1, 1, 3, crops.size, crops.size, dtype=torch.uint8))
             self.scorers.append(scorer)
         self.families = {n: s.model.family for n, s in zip(self.names, self.scorers)}
-        self.batch_images = batch_images
+        self.batch_images = self.scorers[0].batch_images  # None: default_batch_images of the device
         self._torch = torch
 
     def columns(self) -> dict[str, object]:
@@ -267,7 +267,7 @@ def _check_manifest(out_dir: Path, models: list[ModelSpec], digests: dict[str, s
 
 def score_shards(inputs: list[str | Path], models: list[ModelSpec], out_dir: str | Path, workers: int = 0,
                  address: str | None = None, precision: str = "auto", device: str = "auto",
-                 batch_images: int = 8, cpus_per_worker: float = 1.0, eval_crops: int | None = None,
+                 batch_images: int | None = None, cpus_per_worker: float = 1.0, eval_crops: int | None = None,
                  progress: bool = True) -> ScoreSummary:
     """Score every shard of ``inputs`` that ``out_dir`` lacks (see the module docstring)."""
     if not models:
@@ -322,7 +322,8 @@ def score_shards(inputs: list[str | Path], models: list[ModelSpec], out_dir: str
 
 
 def _score_on_ray(todo: list[ShardJob], models: list[ModelSpec], workers: int, address: str | None,
-                  precision: str, device: str, batch_images: int, eval_crops: int | None, cpus_per_worker: float,
+                  precision: str, device: str, batch_images: int | None, eval_crops: int | None,
+                  cpus_per_worker: float,
                   done,
                   summary: ScoreSummary, bar) -> None:
     """Shards from a queue to ``workers`` Ray actors; a dead actor's shard goes back to the queue."""
