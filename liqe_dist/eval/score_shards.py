@@ -134,8 +134,12 @@ class ShardScorer:
             model = load_model(spec.checkpoint, precision=self.precision)
             crops = default_crops(model, **({"eval_crops": eval_crops} if eval_crops else {}))
             scorer = Scorer(model, crops, batch_images=batch_images, device=self.device)
-            with torch.inference_mode():  # warm up: LIQE encodes (and caches) its 495 prompts on first use
-                scorer.predict(torch.zeros(1, 1, 3, crops.size, crops.size, dtype=torch.uint8))
+            # warm up on one full batch: LIQE encodes (and caches) its 495 prompts on first use, and
+            # the first pass at a batch shape is slower (kernel selection, allocator)
+            with torch.inference_mode():
+                for _ in range(2):
+                    scorer.predict(torch.zeros(scorer.batch_images, crops.eval_crops, 3, crops.size, crops.size,
+                                               dtype=torch.uint8))
             self.scorers.append(scorer)
         self.families = {n: s.model.family for n, s in zip(self.names, self.scorers)}
         self.batch_images = self.scorers[0].batch_images  # None: default_batch_images of the device
