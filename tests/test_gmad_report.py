@@ -105,6 +105,7 @@ def test_pairs_csv_matches_the_search_and_images_are_the_originals(scored, tmp_p
     assert len(sheets) >= 4
 
 
+@pytest.mark.slow
 def test_page_opens_in_headless_chromium(scored, tmp_path):
     root, _ = scored
     browser = subprocess.run(["bash", str(REPO / "launch" / "browser.sh")], capture_output=True, text=True)

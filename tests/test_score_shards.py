@@ -130,6 +130,7 @@ KILL_AFTER_TWO = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killed_job_rerun_scores_only_the_rest(setup, tmp_path):
     root, models = setup
     args = ["score-shards", str(root / "shards" / "photos"), "--out", str(tmp_path / "s"), "--precision", "fp32",
@@ -145,6 +146,7 @@ def test_killed_job_rerun_scores_only_the_rest(setup, tmp_path):
     assert not list((tmp_path / "s").glob("*.partial"))
 
 
+@pytest.mark.slow
 def test_ray_workers_survive_a_killed_worker(setup, tmp_path):
     """Two Ray workers; the test kills one (SIGKILL) once the first shard is written: its shard
     goes to the other worker (or a replacement), and the union holds every key once with the

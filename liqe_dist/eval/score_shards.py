@@ -390,6 +390,9 @@ def _score_on_ray(todo: list[ShardJob], models: list[ModelSpec], workers: int, a
             wid, job = busy.pop(future)
             try:
                 result = ray.get(future)
+            except ray.exceptions.RayTaskError as exc:  # an error in our code, not a dead worker: stop
+                raise ScoreShardsError(f"worker {wid} failed on {job.path}: "
+                                       f"{str(exc.cause) if exc.cause else exc}".splitlines()[0]) from None
             except ray.exceptions.RayActorError as exc:
                 attempts[job.path] = attempts.get(job.path, 0) + 1
                 log.error("worker %d died while scoring %s (%s); %s", wid, job.path, type(exc).__name__,
