@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(f"{name}: SRCC gain {gain:+.3f} < {MIN_GAIN}")
     print("\nThe synthetic pseudo-MOS is the mean 100 x SSIM of each distortion type and level over the references:\n"
           "a check that training works, not human opinion.")
+    # After a Ray Train run, this driver's ray.cluster_resources() never returns (Ray 2.60, Train
+    # V2; seen in the demo): the gMAD scoring starts a fresh local cluster instead.
+    import ray
+
+    ray.shutdown()
     print("\n6. gMAD: the trained model against its untrained start, over an unlabelled corpus")
     gmad_page = gmad_demo(out, run_dir, cfg)
     print(f"\nplots:       {run_dir}/curves.png (losses, task weights), {run_dir}/scatter.png (score vs MOS)")
