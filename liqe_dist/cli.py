@@ -127,6 +127,7 @@ def cmd_score_shards(args: argparse.Namespace) -> int:
     summary = score_shards(args.shards, models, args.out, workers=args.workers, address=args.address,
                            precision=args.precision, device=args.device, batch_images=args.batch_images,
                            cpus_per_worker=args.cpus_per_worker, eval_crops=args.eval_crops,
+                           decode_workers=args.decode_workers,
                            progress=not args.no_progress)
     log.info("scored %d image(s) in %d shard(s) (%d already done), %d image(s) could not be scored -> %s",
              summary.images, summary.shards, summary.skipped, summary.errors, args.out)
@@ -383,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 where the worker's hardware computes it natively, else fp32")
     p.add_argument("--device", default="auto", help="auto (a GPU when the worker has one), cpu or cuda")
     p.add_argument("--batch-images", type=int, help="images per forward pass (default 2 on the CPU, 16 on a GPU)")
+    p.add_argument("--decode-workers", type=int, help="decoding processes per worker (default: on GPU workers "
+                                                      "--cpus-per-worker - 1, else 0)")
     p.add_argument("--eval-crops", type=int, help="crops per image for every model (default: each family's own, "
                                                   "LIQE 15, PMT-IQA 4; fewer is faster and less exact)")
     p.add_argument("--no-progress", action="store_true")

@@ -86,6 +86,14 @@ def test_scores_equal_liqe_dist_score_once_per_key(setup, tmp_path):
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["complete"] and {m: e["family"] for m, e in manifest["models"].items()} == {"liqe": "liqe",
                                                                                                "pmt": "pmt_iqa"}
+    # decoding in 2 processes beside the models (what GPU workers do): the same rows, in shard order
+    parallel = score_shards([root / "shards" / "photos"], models, tmp_path / "p", precision="fp32",
+                            decode_workers=2, progress=False)
+    assert parallel.images == IMAGES
+    for shard in sorted((tmp_path / "s").glob("*.parquet")):
+        one, two = pq.read_table(shard).to_pandas(), pq.read_table(tmp_path / "p" / shard.name).to_pandas()
+        assert list(two["key"]) == list(one["key"]) == sorted(one["key"])
+        assert np.allclose(two[["liqe", "pmt"]], one[["liqe", "pmt"]], atol=1e-6)
     again = score_shards([root / "shards" / "photos"], models, tmp_path / "s", precision="fp32", progress=False)
     assert (again.shards, again.skipped) == (0, 12)
     with pytest.raises(ScoreShardsError, match="other models"):
@@ -148,13 +156,14 @@ def test_killed_job_rerun_scores_only_the_rest(setup, tmp_path):
 
 @pytest.mark.slow
 def test_ray_workers_survive_a_killed_worker(setup, tmp_path):
-    """Two Ray workers; the test kills one (SIGKILL) once the first shard is written: its shard
-    goes to the other worker (or a replacement), and the union holds every key once with the
-    in-process values."""
+    """Two Ray workers, each decoding in a process of its own; the test kills one (SIGKILL) once
+    the first shard is written: its shard goes to the other worker (or a replacement), and the
+    union holds every key once with the in-process values."""
     root, models = setup
     out = tmp_path / "s"
     args = [sys.executable, "-m", "liqe_dist.cli", "score-shards", str(root / "shards" / "photos"), "--out", str(out),
-            "--precision", "fp32", "--workers", "2", "--batch-images", "1", "--no-progress"]
+            "--precision", "fp32", "--workers", "2", "--batch-images", "1", "--no-progress",
+            "--decode-workers", "1"]  # a decoding process inside each actor, as on GPU workers
     args += [a for m in models for a in ("--model", f"{m.name}={m.checkpoint}")]
     log = tmp_path / "log.txt"
     with open(log, "w") as f:

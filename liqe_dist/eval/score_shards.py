@@ -18,7 +18,9 @@ shard sets and the counts; scoring into a folder written by other models is refu
 Workers: Ray actors (one per GPU, or one per ``cpus_per_worker`` CPUs) take shards from the
 driver's queue; a worker that dies loses only its shard in flight, which goes back to the queue
 and is scored by another worker (a shard that kills ``MAX_ATTEMPTS`` workers is reported and
-left out). ``workers=0`` scores in this process (small jobs, no Ray).
+left out). ``workers=0`` scores in this process (small jobs, no Ray). Inside a worker, images
+are decoded and cropped in ``decode_workers`` processes while the models run (by default on
+GPU workers, whose device would otherwise wait for JPEG decoding).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
 from liqe_dist.files import atomic_path
@@ -115,11 +118,57 @@ def find_shards(inputs: list[str | Path], out_dir: Path) -> tuple[list[ShardJob]
     return out, sets
 
 
+class ShardSamples(IterableDataset):
+    """The samples of one shard, decoded and cropped: ``(index in the shard, fields, crops)``
+    where ``fields`` holds key, shard, source, content_hash, width, height and error, and
+    ``crops`` is one uint8 ``[U, 3, S, S]`` tensor per crop rule (None when the image failed).
+    In a DataLoader with n workers, worker w takes the samples whose index is w mod n."""
+
+    def __init__(self, path: str, crop_cfgs: list):
+        self.path, self.crop_cfgs = path, crop_cfgs
+
+    def __iter__(self):
+        from torch.utils.data import get_worker_info
+
+        from liqe_dist.data.stream import iter_shard
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for index, raw in enumerate(iter_shard(Path(self.path))):
+            if index % workers == worker:
+                yield (index, *decode_sample(raw, self.crop_cfgs, self.path))
+
+
+def decode_sample(raw, crop_cfgs: list, path: str) -> tuple[dict, list | None]:
+    """(row fields, crops per crop rule or None) of one shard sample; never raises for a bad image."""
+    from liqe_dist.data.crops import ImageShapeError, eval_crop_sets
+    from liqe_dist.data.images import ImageDecodeError, decode_image
+
+    where = f"{path}:{raw.key}"
+    try:
+        meta = json.loads(raw.fields.get("json", b"{}"))
+        meta = meta if isinstance(meta, dict) else {}
+    except ValueError:
+        meta = {}
+    fields = {"key": raw.key, "shard": Path(path).name, "source": str(meta.get("source", "")),
+              "content_hash": str(meta.get("content_hash", ""))}
+    images = [k for k in raw.fields if k != "json"]
+    try:
+        if len(images) != 1:
+            raise ImageDecodeError(where, f"expected one image in the sample, found {images}")
+        img = decode_image(raw.fields[images[0]], where)
+        fields["width"], fields["height"] = img.size
+        return fields, [c.pixels for c in eval_crop_sets(img, crop_cfgs, where)]
+    except (ImageDecodeError, ImageShapeError) as exc:
+        fields["error"] = getattr(exc, "reason", None) or str(exc)
+        return fields, None
+
+
 class ShardScorer:
     """The models of one worker, and how it scores a shard into a table."""
 
     def __init__(self, models: list[ModelSpec], precision: str = "auto", device: str = "auto",
-                 batch_images: int | None = None, eval_crops: int | None = None):
+                 batch_images: int | None = None, eval_crops: int | None = None, decode_workers: int = 0):
         import torch
 
         from liqe_dist.eval.scoring import Scorer, default_crops
@@ -143,6 +192,7 @@ class ShardScorer:
             self.scorers.append(scorer)
         self.families = {n: s.model.family for n, s in zip(self.names, self.scorers)}
         self.batch_images = self.scorers[0].batch_images  # None: default_batch_images of the device
+        self.decode_workers = decode_workers
         self._torch = torch
 
     def columns(self) -> dict[str, object]:
@@ -156,25 +206,26 @@ class ShardScorer:
         return cols
 
     def score_shard(self, path: str | Path):
-        """``pyarrow.Table`` with one row per sample of the shard (see the module docstring)."""
+        """``pyarrow.Table`` with one row per sample of the shard (see the module docstring), in
+        shard order. With ``decode_workers`` > 0, images are decoded and cropped in that many
+        processes while the models run (each takes every n-th sample)."""
         import pyarrow as pa
-
-        from liqe_dist.data.crops import ImageShapeError, eval_crop_sets
-        from liqe_dist.data.images import ImageDecodeError, decode_image
-        from liqe_dist.data.stream import iter_shard
+        from torch.utils.data import DataLoader
 
         defaults = self.columns()
         table: dict[str, list] = {c: [] for c in defaults}
-        crop_cfgs = [s.crops for s in self.scorers]
+        order: list[int] = []  # each row's position in the shard
+        samples = ShardSamples(str(path), [s.crops for s in self.scorers])
+        if self.decode_workers > 0:
+            samples = DataLoader(samples, batch_size=None, num_workers=self.decode_workers, prefetch_factor=4)
         batch: list[tuple[int, list]] = []  # (row, crops per model)
-        shard = Path(path).name
 
         def flush() -> None:
             if not batch:
                 return
             with self._torch.inference_mode():
                 for m, (name, scorer) in enumerate(zip(self.names, self.scorers)):
-                    pixels = self._torch.stack([crops[m].pixels for _, crops in batch])
+                    pixels = self._torch.stack([crops[m] for _, crops in batch])
                     for (row, _), (quality, *pairs) in zip(batch, scorer.predict(pixels).tolist()):
                         if not math.isfinite(quality):
                             table["error"][row] = f"{name}: the score is not a number (are its weights NaN?)"
@@ -184,34 +235,20 @@ class ShardScorer:
                             table[f"{name}_{head}_prob"][row] = pairs[2 * h]
             batch.clear()
 
-        for raw in iter_shard(Path(path)):
-            where = f"{path}:{raw.key}"
-            try:
-                meta = json.loads(raw.fields.get("json", b"{}"))
-                meta = meta if isinstance(meta, dict) else {}
-            except ValueError:
-                meta = {}
-            row = len(table["key"])
+        for index, fields, crops in samples:
+            row = len(order)
+            order.append(int(index))
             for col, value in defaults.items():
-                table[col].append(value)
-            table["key"][row], table["shard"][row] = raw.key, shard
-            table["source"][row] = str(meta.get("source", ""))
-            table["content_hash"][row] = str(meta.get("content_hash", ""))
-            images = [k for k in raw.fields if k != "json"]
-            try:
-                if len(images) != 1:
-                    raise ImageDecodeError(where, f"expected one image in the sample, found {images}")
-                img = decode_image(raw.fields[images[0]], where)
-                table["width"][row], table["height"][row] = img.size
-                batch.append((row, eval_crop_sets(img, crop_cfgs, where)))
-            except (ImageDecodeError, ImageShapeError) as exc:
-                table["error"][row] = getattr(exc, "reason", None) or str(exc)
+                table[col].append(fields.get(col, value))
+            if crops is not None:
+                batch.append((row, crops))
             if len(batch) >= self.batch_images:
                 flush()
         flush()
+        rows = sorted(range(len(order)), key=order.__getitem__)
         types = {c: pa.float64() if isinstance(v, float) else pa.int32() if isinstance(v, int) else pa.string()
                  for c, v in defaults.items()}
-        return pa.table({c: pa.array(v, type=types[c]) for c, v in table.items()})
+        return pa.table({c: pa.array([v[r] for r in rows], type=types[c]) for c, v in table.items()})
 
     def score_to_file(self, job: ShardJob) -> dict:
         """Score one shard into its parquet file (temp file + rename); returns counts and timing."""
@@ -272,8 +309,10 @@ def _check_manifest(out_dir: Path, models: list[ModelSpec], digests: dict[str, s
 def score_shards(inputs: list[str | Path], models: list[ModelSpec], out_dir: str | Path, workers: int = 0,
                  address: str | None = None, precision: str = "auto", device: str = "auto",
                  batch_images: int | None = None, cpus_per_worker: float = 1.0, eval_crops: int | None = None,
-                 progress: bool = True) -> ScoreSummary:
-    """Score every shard of ``inputs`` that ``out_dir`` lacks (see the module docstring)."""
+                 decode_workers: int | None = None, progress: bool = True) -> ScoreSummary:
+    """Score every shard of ``inputs`` that ``out_dir`` lacks (see the module docstring).
+    ``decode_workers``: decoding processes per worker (None: on GPU workers ``cpus_per_worker``
+    - 1, so the GPU does not wait for JPEG decoding; on the CPU none, the worker's CPUs compute)."""
     if not models:
         raise ScoreShardsError("give at least one --model NAME=CHECKPOINT")
     names = [m.name for m in models]
@@ -306,12 +345,12 @@ def score_shards(inputs: list[str | Path], models: list[ModelSpec], out_dir: str
 
     try:
         if workers <= 0:
-            scorer = ShardScorer(models, precision, device, batch_images, eval_crops)
+            scorer = ShardScorer(models, precision, device, batch_images, eval_crops, decode_workers or 0)
             for job in todo:
                 done(job, scorer.score_to_file(job))
         else:
             _score_on_ray(todo, models, workers, address, precision, device, batch_images, eval_crops,
-                          cpus_per_worker, done, summary, bar)
+                          cpus_per_worker, decode_workers, done, summary, bar)
     finally:
         bar.close()
     if runs:
@@ -327,8 +366,7 @@ def score_shards(inputs: list[str | Path], models: list[ModelSpec], out_dir: str
 
 def _score_on_ray(todo: list[ShardJob], models: list[ModelSpec], workers: int, address: str | None,
                   precision: str, device: str, batch_images: int | None, eval_crops: int | None,
-                  cpus_per_worker: float,
-                  done,
+                  cpus_per_worker: float, decode_workers: int | None, done,
                   summary: ScoreSummary, bar) -> None:
     """Shards from a queue to ``workers`` Ray actors; a dead actor's shard goes back to the queue."""
     import ray
@@ -339,6 +377,8 @@ def _score_on_ray(todo: list[ShardJob], models: list[ModelSpec], workers: int, a
     use_gpu = device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
     options = {"num_cpus": cpus_per_worker, "num_gpus": 1 if use_gpu else 0}
     threads = max(1, int(cpus_per_worker))
+    if decode_workers is None:
+        decode_workers = threads - 1 if use_gpu else 0
 
     @ray.remote
     class ShardWorker:
@@ -348,7 +388,7 @@ def _score_on_ray(todo: list[ShardJob], models: list[ModelSpec], workers: int, a
             torch.set_num_threads(threads)
             self.error = ""
             try:  # reported by where(): a clear line instead of Ray's wrapped traceback
-                self.scorer = ShardScorer(models, precision, device, batch_images, eval_crops)
+                self.scorer = ShardScorer(models, precision, device, batch_images, eval_crops, decode_workers)
             except Exception as exc:
                 self.error = f"{type(exc).__name__}: {exc}"
 
