@@ -277,12 +277,12 @@ class ScoreSummary:
 def _check_manifest(out_dir: Path, models: list[ModelSpec], digests: dict[str, str], precision: str,
                     eval_crops: int | None, sets: list[str], jobs: list[ShardJob]) -> dict:
     """Write the scores' manifest, or check that an existing one names the same models."""
-    from liqe_dist.models.weights import file_family, read_state_dict
+    from liqe_dist.models.weights import file_family, read_metadata
 
     path = out_dir / MANIFEST
     entry = {}
     for m in models:
-        _, meta = read_state_dict(m.checkpoint)
+        meta = read_metadata(m.checkpoint)  # the header only: the workers load the tensors
         entry[m.name] = {"checkpoint": str(Path(m.checkpoint).resolve()), "sha256": digests[m.name],
                          "family": file_family(meta, m.checkpoint)}
     if path.exists():

@@ -52,6 +52,21 @@ def save_weights(model, path: str | Path, extra: dict | None = None,
     return path
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a weights file without its tensors (a safetensors header; other formats
+    carry none): enough for :func:`file_family` when the tensors are loaded elsewhere."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata from any supported weights file, wrappers and prefixes removed."""
     path = Path(path)
