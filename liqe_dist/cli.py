@@ -136,7 +136,7 @@ def cmd_score_shards(args: argparse.Namespace) -> int:
     return 1 if summary.failed or summary.short else 0
 
 
-def cmd_gmad(args: argparse.Namespace) -> int:
+def cmd_gmad_search(args: argparse.Namespace) -> int:
     from liqe_dist.gmad.report import run_gmad
     from liqe_dist.gmad.search import LevelRule
 
@@ -145,6 +145,40 @@ def cmd_gmad(args: argparse.Namespace) -> int:
     result, files, summary = run_gmad(args.scores, args.models, rule, args.out, args.shards)
     print(summary)
     log.info("%d pairs -> %s; open %s", len(result.pairs), files["pairs"], files["page"])
+    return 0
+
+
+def cmd_gmad_study(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from liqe_dist.gmad.pairs import read_pairs
+    from liqe_dist.gmad.study_app import create_app, serve
+    from liqe_dist.gmad.study_db import StudyDB, StudySettings
+
+    given = {k: v for k, v in (("repeat_fraction", args.repeat_fraction), ("repeat_gap", args.repeat_gap),
+                                ("seed", args.seed)) if v is not None}
+    made = StudyDB.settings_of(args.db)
+    try:
+        settings = StudySettings(**((made.model_dump() if made else {}) | given))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    pairs = read_pairs(args.pairs)
+    app = create_app(pairs, args.db, settings)
+    trials = len(pairs.pairs) + round(settings.repeat_fraction * len(pairs.pairs))
+    log.info("%d pairs (%d trials per participant, %d repeated), answers in %s", len(pairs.pairs), trials,
+             trials - len(pairs.pairs), args.db)
+    serve(app, args.host, args.port, args.threads)
+    return 0
+
+
+def cmd_gmad_analyse(args: argparse.Namespace) -> int:
+    from liqe_dist.gmad.analyse import run_analysis
+
+    db = Path(args.db)
+    out = Path(args.out) if args.out else db.with_name(db.stem + "_analysis")
+    _, text = run_analysis(db, args.pairs, out)
+    print(text)
     return 0
 
 
@@ -391,8 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_score_shards)
 
-    p = sub.add_parser("gmad", help="gMAD competition: search the pairs of every (defender, attacker) in a "
-                                    "score-shards folder; pairs.csv, an HTML page, PNG sheets")
+    gmad = sub.add_parser("gmad", help="gMAD competition: search the pairs, run the study with people, analyse it"
+                          ).add_subparsers(dest="gmad_command", required=True)
+    p = gmad.add_parser("search", help="search the pairs of every (defender, attacker) in a score-shards folder; "
+                                       "pairs.csv, an HTML page, PNG sheets")
     p.add_argument("scores", help="a score-shards output folder")
     p.add_argument("--models", nargs="+", required=True, help="two or more model columns of the scores")
     p.add_argument("--levels", type=int, default=6, help="levels per defender (K)")
@@ -405,7 +441,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", nargs="*", default=[], help="shard sets whose images the pairs show (default: the "
                                                            "ones the scores' manifest names)")
     p.add_argument("--out", default="gmad", help="folder for pairs.csv, summary.csv, index.html, sheets/")
-    p.set_defaults(func=cmd_gmad)
+    p.set_defaults(func=cmd_gmad_search)
+
+    p = gmad.add_parser("study", help="web app in which people judge the pairs (answers saved at once; resumable)",
+                        description="Serve the study of a pairs.csv (from `gmad search`, its images/ beside it). "
+                                    "Participants open the address, enter an id, practise once, then judge each "
+                                    "pair; the same id resumes. Schedule options are fixed when --db is made.")
+    p.add_argument("pairs", help="pairs.csv written by `liqe-dist gmad search`")
+    p.add_argument("--db", required=True, help="SQLite file of the answers (made if missing)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
+    p.add_argument("--repeat-fraction", type=float,
+                   help="share of the pairs shown a second time, for the consistency check (default 0.1)")
+    p.add_argument("--repeat-gap", type=int, help="at least this many trials between a pair's two showings "
+                                                  "(default 3)")
+    p.add_argument("--seed", type=int, help="seed of the participants' schedules (default 0)")
+    p.add_argument("--threads", type=int, default=8, help="request threads")
+    p.set_defaults(func=cmd_gmad_study)
+
+    p = gmad.add_parser("analyse", help="aggressiveness and resistance matrices, per-pair preferences, "
+                                        "consistency and pairwise labels from a study database")
+    p.add_argument("pairs", help="the pairs.csv the study showed")
+    p.add_argument("--db", required=True, help="the study's SQLite file")
+    p.add_argument("--out", help="output folder (default: the database's name + '_analysis', beside it)")
+    p.set_defaults(func=cmd_gmad_analyse)
 
     shards = sub.add_parser("shards", help="inspect packed shard sets").add_subparsers(dest="shards_command", required=True)
     p = shards.add_parser("verify", help="check shards against their manifest and decode every image")

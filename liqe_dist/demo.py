@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -109,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"weights:     {run_dir}/best.safetensors, {run_dir}/final.safetensors, {run_dir}/untrained.safetensors")
     print(f"checkpoints: {run_dir}/checkpoints (resumable training state)")
     print(f"gMAD:        {gmad_page} (pairs.csv, summary.csv and sheets/ beside it)")
+    pairs, db = gmad_page.parent / "pairs.csv", gmad_page.parent.parent / "study.sqlite"
+    cli = Path(sys.executable).with_name("liqe-dist")
+    cli = cli if cli.exists() else "liqe-dist"
+    print(f"study:       {cli} gmad study {pairs} --db {db}   (then open http://127.0.0.1:8080/)\n"
+          f"             {cli} gmad analyse {pairs} --db {db}")
     if failed:
         print("\nFAILED: the trained model does not clearly beat the untrained one (" + "; ".join(failed) + ")")
         return 1

@@ -7,65 +7,24 @@ import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from liqe_dist.data.corpus import CorpusConfig, pack_corpus
+from gmad_fixtures import browser, make_scored
 from liqe_dist.data.stream import iter_shard
 from liqe_dist.gmad.search import LevelRule, search
-
-REPO = Path(__file__).resolve().parents[1]
-N = 40
 
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
-    """A packed corpus of 40 images and a score-shards-like folder with hand-made scores of three
-    models (a, b, c) and one image whose scoring failed; two images share their pixels."""
-    root = tmp_path_factory.mktemp("gmad")
-    rng = np.random.default_rng(3)
-    (root / "photos").mkdir()
-    for i in range(N):
-        pixels = rng.integers(0, 256, (40 + i, 60, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / "photos" / f"p{i:02d}.png")
-    Image.open(root / "photos" / "p05.png").save(root / "photos" / "p05_copy.bmp")
-    pack_corpus(root / "photos", root / "shards" / "photos", "photos", CorpusConfig(shard_max_count=8, workers=1),
-                progress=False)
-    out = root / "scores"
-    out.mkdir()
-    scores = {}
-    for shard in sorted((root / "shards" / "photos").glob("*.tar")):
-        rows = {"key": [], "shard": [], "source": [], "content_hash": [], "error": [], "a": [], "b": [], "c": [],
-                "flat": []}
-        for raw in iter_shard(shard):
-            meta = json.loads(raw.fields["json"])
-            i = int(meta["source"][1:3])
-            rows["key"].append(raw.key)
-            rows["shard"].append(shard.name)
-            rows["source"].append(meta["source"])
-            rows["content_hash"].append(meta["content_hash"])
-            broken = meta["source"] == "p13.png"
-            rows["error"].append("cannot decode" if broken else "")
-            a, b, c = float(i % 10), float((i * 7) % 13), float(-i)
-            rows["a"].append(float("nan") if broken else a)
-            rows["b"].append(b)
-            rows["c"].append(c)
-            rows["flat"].append(1.0)
-            scores[raw.key] = (a, b, c, broken, meta["source"])
-        pq.write_table(pa.table(rows), out / shard.name.replace(".tar", ".parquet"))
-    (out / "manifest.json").write_text(json.dumps({"format": "liqe-dist/scores-1", "complete": True,
-                                                   "models": {"a": {}, "b": {}, "c": {}, "flat": {}},
-                                                   "inputs": [str(root / "shards" / "photos")]}))
-    return root, scores
+    return make_scored(tmp_path_factory.mktemp("gmad"))
 
 
 def run_gmad(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "liqe_dist.cli", "gmad", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "liqe_dist.cli", "gmad", "search", *args], capture_output=True,
+                          text=True)
 
 
 def test_pairs_csv_matches_the_search_and_images_are_the_originals(scored, tmp_path):
@@ -108,10 +67,9 @@ def test_pairs_csv_matches_the_search_and_images_are_the_originals(scored, tmp_p
 @pytest.mark.slow
 def test_page_opens_in_headless_chromium(scored, tmp_path):
     root, _ = scored
-    browser = subprocess.run(["bash", str(REPO / "launch" / "browser.sh")], capture_output=True, text=True)
-    if browser.returncode != 0:
-        pytest.skip(f"no chromium: {browser.stderr.strip()}")
-    chromium = browser.stdout.strip().splitlines()[-1]
+    chromium, why = browser()
+    if chromium is None:
+        pytest.skip(f"no chromium: {why}")
     assert run_gmad(str(root / "scores"), "--models", "a", "b", "--levels", "3", "--out",
                     str(tmp_path / "g")).returncode == 0
     pairs = sum(1 for _ in open(tmp_path / "g" / "pairs.csv")) - 1

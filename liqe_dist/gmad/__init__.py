@@ -1,1 +1,1 @@
-"""gMAD: pair search over a scored corpus (more to come: sheets, the study, the analysis)."""
+"""gMAD: the pair search over a scored corpus, the report, the study web app and its analysis."""

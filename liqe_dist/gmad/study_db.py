@@ -1,0 +1,282 @@
+"""The gMAD study's database: participants, their trial schedules and every answer, in SQLite.
+
+WAL mode with ``synchronous=FULL``: an answer is on disk when its request returns, so a closed
+tab, a killed server or a power cut loses nothing, and readers (the analysis) never block the
+server. Every request opens its own connection; writes take the database's write lock first
+(``BEGIN IMMEDIATE``), so two participants, or two tabs of one, cannot interleave a check and a
+write.
+
+A participant's schedule is drawn once, at their first visit, from ``Random(f"{seed}:{id}")``
+(reproducible) and stored: every pair once in random order, plus ``round(repeat_fraction × N)``
+pairs shown again at least ``repeat_gap`` trials after their first showing (for the consistency
+check), each trial with the attacker's best image on a random side. ``trials.left`` records the
+side; ``answers.chosen`` holds the answer in the pair's terms: ``best`` (the attacker's best image
+looks better), ``worst`` or ``same``.
+
+A database belongs to one pairs file (its SHA-256 is stored) and one schedule setting; opening it
+with another is refused.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from liqe_dist.gmad.pairs import PairsFile
+from liqe_dist.gmad.search import GMADError
+
+SCHEMA_VERSION = "1"
+PARTICIPANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ANSWERS = ("left", "right", "same")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS participants (
+    id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    practice_done INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS trials (
+    participant TEXT NOT NULL REFERENCES participants(id),
+    position INTEGER NOT NULL,
+    pair INTEGER NOT NULL,
+    repeat INTEGER NOT NULL CHECK (repeat IN (0, 1)),
+    left TEXT NOT NULL CHECK (left IN ('best', 'worst')),
+    PRIMARY KEY (participant, position)
+);
+CREATE TABLE IF NOT EXISTS answers (
+    participant TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    answer TEXT NOT NULL CHECK (answer IN ('left', 'right', 'same')),
+    chosen TEXT NOT NULL CHECK (chosen IN ('best', 'worst', 'same')),
+    response_ms INTEGER,
+    answered_at REAL NOT NULL,
+    PRIMARY KEY (participant, position),
+    FOREIGN KEY (participant, position) REFERENCES trials(participant, position)
+);
+"""
+
+
+class StudySettings(BaseModel):
+    """How schedules are drawn; fixed when the database is made."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    repeat_fraction: float = Field(0.1, ge=0.0, le=1.0, allow_inf_nan=False,
+                                   description="share of the pairs each participant sees a second time")
+    repeat_gap: int = Field(3, ge=0, le=1000, description="at least this many trials between a pair's two showings")
+    seed: int = Field(0, ge=0, description="schedules are drawn from Random(f'{seed}:{participant}')")
+
+
+class StudyError(GMADError):
+    """A database that does not fit the pairs file or the settings, or is not a study database."""
+
+
+class Conflict(Exception):
+    """An answer for a trial that is not the participant's next one (already answered, or ahead)."""
+
+
+@dataclass(frozen=True)
+class Trial:
+    participant: str
+    position: int
+    pair: int
+    repeat: bool
+    left: str               # 'best' or 'worst': which image of the pair is shown on the left
+
+    def side_image(self, side: str) -> str:
+        """'left'/'right' -> 'best'/'worst'."""
+        right = "worst" if self.left == "best" else "best"
+        return self.left if side == "left" else right
+
+
+def schedule(pair_ids: list[int], participant: str, settings: StudySettings) -> list[tuple[int, bool, str]]:
+    """The trials (pair, repeat, left) of one participant, in order (see the module docstring)."""
+    rng = random.Random(f"{settings.seed}:{participant}")
+    order: list[tuple[int, bool]] = [(p, False) for p in pair_ids]
+    rng.shuffle(order)
+    n_repeat = round(settings.repeat_fraction * len(pair_ids))
+    for pair in rng.sample(pair_ids, n_repeat):
+        first = order.index((pair, False))
+        earliest = first + 1 + settings.repeat_gap
+        at = rng.randint(earliest, len(order)) if earliest <= len(order) else len(order)
+        order.insert(at, (pair, True))
+    return [(p, rep, "best" if rng.random() < 0.5 else "worst") for p, rep in order]
+
+
+class StudyDB:
+    """One study database file (see the module docstring)."""
+
+    def __init__(self, path: str | Path, pairs: PairsFile, settings: StudySettings) -> None:
+        self.path = Path(path)
+        self.pairs = pairs
+        self.settings = settings
+        self.pair_ids = [p.pair for p in pairs.pairs]
+        self._init()
+
+    @contextmanager
+    def connect(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            con.execute("PRAGMA foreign_keys = ON")
+            con.execute("PRAGMA synchronous = FULL")
+            if write:
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    yield con
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+                con.execute("COMMIT")
+            else:
+                yield con
+        finally:
+            con.close()
+
+    def _init(self) -> None:
+        wanted = {"schema": SCHEMA_VERSION, "pairs_sha256": self.pairs.sha256, "pairs": str(len(self.pair_ids)),
+                  **{k: str(v) for k, v in self.settings.model_dump().items()}}
+        try:
+            with self.connect() as con:
+                mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode.lower() != "wal":
+                    raise StudyError(f"{self.path}: SQLite refused WAL mode ({mode}); put the database on a local "
+                                     f"file system")
+                con.executescript(SCHEMA)
+            with self.connect(write=True) as con:
+                have = dict(con.execute("SELECT key, value FROM meta").fetchall())
+                if not have:
+                    con.executemany("INSERT INTO meta VALUES (?, ?)", sorted(wanted.items()))
+                    return
+        except sqlite3.DatabaseError as exc:
+            raise StudyError(f"{self.path}: not a study database ({exc})") from None
+        if have.get("schema") != SCHEMA_VERSION:
+            raise StudyError(f"{self.path}: study database schema {have.get('schema')!r}, this version reads "
+                             f"{SCHEMA_VERSION!r}")
+        if have.get("pairs_sha256") != self.pairs.sha256:
+            raise StudyError(f"{self.path}: made for another pairs file ({have.get('pairs')} pairs, sha256 "
+                             f"{have.get('pairs_sha256', '?')[:12]}...), not {self.pairs.path} ({len(self.pair_ids)} "
+                             f"pairs, sha256 {self.pairs.sha256[:12]}...); use a new --db")
+        changed = [k for k in self.settings.model_dump() if have.get(k) != wanted[k]]
+        if changed:
+            raise StudyError(f"{self.path}: made with " + ", ".join(f"--{k.replace('_', '-')} {have.get(k)}"
+                                                                   for k in changed) +
+                             "; the schedules already drawn depend on it: give the same value or use a new --db")
+
+    @staticmethod
+    def settings_of(path: str | Path) -> StudySettings | None:
+        """The settings an existing database was made with (None: no database there yet)."""
+        if not Path(path).exists():
+            return None
+        meta = read_study(path).meta
+        return StudySettings(**{k: meta[k] for k in StudySettings.model_fields if k in meta})
+
+    # --- participants and trials -------------------------------------------------------------
+
+    def register(self, participant: str) -> bool:
+        """Create the participant and their schedule (True), or do nothing if they exist (False)."""
+        check_participant(participant)
+        with self.connect(write=True) as con:
+            if con.execute("SELECT 1 FROM participants WHERE id = ?", (participant,)).fetchone():
+                return False
+            con.execute("INSERT INTO participants (id, created) VALUES (?, ?)", (participant, time.time()))
+            con.executemany("INSERT INTO trials VALUES (?, ?, ?, ?, ?)",
+                            [(participant, i, pair, int(rep), left) for i, (pair, rep, left)
+                             in enumerate(schedule(self.pair_ids, participant, self.settings))])
+        return True
+
+    def exists(self, participant: str) -> bool:
+        with self.connect() as con:
+            return con.execute("SELECT 1 FROM participants WHERE id = ?", (participant,)).fetchone() is not None
+
+    def practice_done(self, participant: str) -> bool:
+        with self.connect() as con:
+            row = con.execute("SELECT practice_done FROM participants WHERE id = ?", (participant,)).fetchone()
+        return bool(row and row[0])
+
+    def finish_practice(self, participant: str) -> None:
+        with self.connect(write=True) as con:
+            con.execute("UPDATE participants SET practice_done = 1 WHERE id = ?", (participant,))
+
+    def progress(self, participant: str) -> tuple[int, int]:
+        """(answered, total) trials."""
+        with self.connect() as con:
+            done = con.execute("SELECT COUNT(*) FROM answers WHERE participant = ?", (participant,)).fetchone()[0]
+            total = con.execute("SELECT COUNT(*) FROM trials WHERE participant = ?", (participant,)).fetchone()[0]
+        return done, total
+
+    def trial(self, participant: str, position: int) -> Trial | None:
+        with self.connect() as con:
+            row = con.execute("SELECT pair, repeat, left FROM trials WHERE participant = ? AND position = ?",
+                              (participant, position)).fetchone()
+        return None if row is None else Trial(participant, position, row[0], bool(row[1]), row[2])
+
+    def next_trial(self, participant: str) -> Trial | None:
+        """The first trial without an answer (answers are given in order); None when all are done."""
+        done, total = self.progress(participant)
+        return self.trial(participant, done) if done < total else None
+
+    def answer(self, participant: str, position: int, answer: str, response_ms: int | None = None) -> Trial:
+        """Record the answer to the participant's next trial; ``Conflict`` if ``position`` is not it."""
+        if answer not in ANSWERS:
+            raise ValueError(f"answer must be one of {ANSWERS}, got {answer!r}")
+        with self.connect(write=True) as con:
+            done = con.execute("SELECT COUNT(*) FROM answers WHERE participant = ?", (participant,)).fetchone()[0]
+            row = con.execute("SELECT pair, repeat, left FROM trials WHERE participant = ? AND position = ?",
+                              (participant, position)).fetchone()
+            if row is None:
+                raise LookupError(f"participant {participant!r} has no trial {position}")
+            if position != done:
+                raise Conflict(f"trial {position} {'is already answered' if position < done else 'is not shown yet'}; "
+                               f"the next one is {done}")
+            trial = Trial(participant, position, row[0], bool(row[1]), row[2])
+            chosen = "same" if answer == "same" else trial.side_image(answer)
+            con.execute("INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?)",
+                        (participant, position, answer, chosen, response_ms, time.time()))
+        return trial
+
+
+def check_participant(participant: str) -> None:
+    if not PARTICIPANT_ID.fullmatch(participant or ""):
+        raise ValueError("a participant id is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or "
+                         "digit")
+
+
+@dataclass(frozen=True)
+class StudyRecords:
+    """What a study database holds: ``meta`` (pairs file hash, settings), ``participants`` (ids) and
+    ``judgments``: every answer with its trial, dicts with participant, position, pair, repeat,
+    left, answer, chosen, response_ms, answered_at, in participant and position order."""
+
+    meta: dict[str, str]
+    participants: list[str]
+    judgments: list[dict]
+
+
+def read_study(path: str | Path) -> StudyRecords:
+    """Read a study database without writing to it (the server may be running)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"{path}: no such study database")
+    con = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+    con.row_factory = sqlite3.Row
+    try:
+        meta = dict(tuple(r) for r in con.execute("SELECT key, value FROM meta").fetchall())
+        participants = [r[0] for r in con.execute("SELECT id FROM participants ORDER BY id")]
+        rows = con.execute(
+            "SELECT a.participant, a.position, t.pair, t.repeat, t.left, a.answer, a.chosen, a.response_ms, "
+            "a.answered_at FROM answers a JOIN trials t USING (participant, position) "
+            "ORDER BY a.participant, a.position").fetchall()
+    except sqlite3.DatabaseError as exc:
+        raise StudyError(f"{path}: not a study database ({exc})") from None
+    finally:
+        con.close()
+    return StudyRecords(meta=meta, participants=participants, judgments=[dict(r) for r in rows])
