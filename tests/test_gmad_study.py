@@ -6,6 +6,7 @@ schedule; database/pairs mismatches are clear errors."""
 from __future__ import annotations
 
 import http.client
+import os
 import re
 import signal
 import sqlite3
@@ -25,6 +26,7 @@ from liqe_dist.gmad.search import GMADError, LevelRule
 from liqe_dist.gmad.study_db import StudyDB, StudyError, StudySettings, schedule
 
 SECRET = "top-secret-do-not-serve"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +43,12 @@ def pairs_dir(tmp_path_factory) -> Path:
 class Server:
     """`liqe-dist gmad study` in a subprocess on a free port."""
 
-    def __init__(self, pairs: Path, db: Path, *extra: str) -> None:
+    def __init__(self, pairs: Path, db: Path, *extra: str, cwd: Path | None = None) -> None:
+        self.db = db
+        env = dict(os.environ, PYTHONPATH=str(REPO))  # the package of this checkout, whatever the cwd
         self.proc = subprocess.Popen([sys.executable, "-m", "liqe_dist.cli", "gmad", "study", str(pairs),
                                       "--db", str(db), "--port", "0", *extra],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env)
         deadline = time.time() + 60
         self.output = []
         while time.time() < deadline:
@@ -94,7 +98,8 @@ class Server:
 
 @pytest.fixture
 def server(pairs_dir, tmp_path):
-    s = Server(pairs_dir / "pairs.csv", tmp_path / "study.sqlite", "--repeat-fraction", "0.25")
+    # a relative pairs path, as the README's commands give it
+    s = Server(Path("pairs.csv"), tmp_path / "study.sqlite", "--repeat-fraction", "0.25", cwd=pairs_dir)
     yield s
     s.stop()
 
@@ -124,6 +129,12 @@ def test_schedule_shows_every_pair_and_repeats_after_a_gap():
     lefts = [left for _, _, left in trials]
     assert 12 < lefts.count("best") < 36                            # both sides used, at random
     assert not [t for t in schedule(ids, "ann", StudySettings(repeat_fraction=0)) if t[1]]
+    for seed in range(50):  # few pairs, a long gap: fewer repeats, never a shorter gap
+        short = schedule([0, 1, 2, 3], "x", StudySettings(repeat_fraction=1.0, repeat_gap=2, seed=seed))
+        positions = {(p, rep): k for k, (p, rep, _) in enumerate(short)}
+        repeated = [p for p, rep in positions if rep]
+        assert len(short) == 6 and len(repeated) == 2
+        assert all(positions[p, True] - positions[p, False] > 2 for p in repeated)
 
 
 @pytest.mark.slow
@@ -217,7 +228,7 @@ def db_rows_trials(db: Path, participant: str) -> list[tuple]:
 def test_only_the_pairs_images_are_served(server):
     assert server.post("/start", participant="eve") == 303
     status, data, headers = server.request("GET", "/p/eve/image/0/left")
-    assert status == 200 and headers["Content-Type"].startswith("image/")
+    assert status == 200 and headers["Content-Type"].startswith("image/") and data[:4] == b"\x89PNG"
     hostile = ["/p/eve/image/../../../../etc/passwd", "/p/eve/image/0/../../../secret.txt",
                "/p/eve/image/0/..%2f..%2f..%2fsecret.txt", "/p/eve/image/0/%2e%2e%2fsecret.txt",
                "/p/eve/image/%2e%2e/%2e%2e/secret.txt", "/%2e%2e/%2e%2e/etc/passwd", "//etc/passwd",
@@ -260,12 +271,13 @@ def test_malformed_requests_get_4xx_and_change_nothing(server):
     assert server.request("POST", "/p/zoe/practice", "answer=sideways")[0] == 400
     assert db_rows(server_db(server), "zoe") == []                                     # nothing recorded
     assert server.post("/p/zoe/answer", answer="same", position="0") == 303
-    assert server.post("/p/zoe/answer", answer="left", position="0") == 409          # already answered
+    status, page, _ = server.request("POST", "/p/zoe/answer", "answer=left&position=0")  # already answered
+    assert status == 409 and b'href="/p/zoe"' in page                                  # with the way on
     assert [r[1] for r in db_rows(server_db(server), "zoe")] == ["same"]
 
 
 def server_db(server: Server) -> Path:
-    return Path(server.proc.args[server.proc.args.index("--db") + 1])
+    return server.db
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ def read_pairs(path: str | Path, need_images: bool = True) -> PairsFile:
                         f"make one with `liqe-dist gmad search`)")
     pairs: list[GmadPair] = []
     seen: set[int] = set()
-    images_dir = path.parent / "images"
+    images_dir = path.resolve().parent / "images"  # absolute: the server's file sender needs it
     for line, row in enumerate(reader, start=2):
         try:
             pair, level = int(row["pair"]), int(row["level"])

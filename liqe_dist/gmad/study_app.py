@@ -112,8 +112,9 @@ def create_app(pairs: PairsFile, db_path: str | Path, settings: StudySettings) -
             db.answer(participant, position, answer, response_ms)
         except LookupError as exc:
             abort(404, str(exc))
-        except Conflict as exc:
-            abort(409, str(exc))
+        except Conflict as exc:  # a second tab, or the browser's back button: show the way on
+            return render_template("error.html", code=409, name="Conflict", description=str(exc),
+                                   next=url_for("participant_page", participant=participant)), 409
         done, total = db.progress(participant)
         log.log(logging.INFO if done == total else logging.DEBUG, "participant %s: %d of %d trials answered",
                 participant, done, total)

@@ -8,8 +8,8 @@ write.
 
 A participant's schedule is drawn once, at their first visit, from ``Random(f"{seed}:{id}")``
 (reproducible) and stored: every pair once in random order, plus ``round(repeat_fraction × N)``
-pairs shown again at least ``repeat_gap`` trials after their first showing (for the consistency
-check), each trial with the attacker's best image on a random side. ``trials.left`` records the
+pairs (at most N − repeat_gap) shown again at least ``repeat_gap`` trials after their first
+showing (for the consistency check), each trial with the attacker's best image on a random side. ``trials.left`` records the
 side; ``answers.chosen`` holds the answer in the pair's terms: ``best`` (the attacker's best image
 looks better), ``worst`` or ``same``.
 
@@ -103,12 +103,11 @@ def schedule(pair_ids: list[int], participant: str, settings: StudySettings) -> 
     rng = random.Random(f"{settings.seed}:{participant}")
     order: list[tuple[int, bool]] = [(p, False) for p in pair_ids]
     rng.shuffle(order)
-    n_repeat = round(settings.repeat_fraction * len(pair_ids))
-    for pair in rng.sample(pair_ids, n_repeat):
+    # only pairs first shown early enough can keep the gap (later insertions only widen it)
+    room = [p for p, _ in order[:max(0, len(order) - settings.repeat_gap)]]
+    for pair in rng.sample(room, min(round(settings.repeat_fraction * len(pair_ids)), len(room))):
         first = order.index((pair, False))
-        earliest = first + 1 + settings.repeat_gap
-        at = rng.randint(earliest, len(order)) if earliest <= len(order) else len(order)
-        order.insert(at, (pair, True))
+        order.insert(rng.randint(first + 1 + settings.repeat_gap, len(order)), (pair, True))
     return [(p, rep, "best" if rng.random() < 0.5 else "worst") for p, rep in order]
 
 
