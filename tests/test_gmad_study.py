@@ -9,6 +9,7 @@ import http.client
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -337,6 +338,13 @@ def test_database_belongs_to_one_pairs_file_and_one_setting(pairs_dir, tmp_path)
     proc = subprocess.run([sys.executable, "-m", "liqe_dist.cli", "gmad", "study", str(pairs_dir / "pairs.csv"),
                            "--db", str(db), "--repeat-gap", "-1"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--repeat-gap" in proc.stderr
+    with socket.socket() as taken:  # a port in use: one line saying so, not a traceback
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = subprocess.run([sys.executable, "-m", "liqe_dist.cli", "gmad", "study", str(pairs_dir / "pairs.csv"),
+                               "--db", str(db), "--port", str(taken.getsockname()[1])],
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "cannot listen on 127.0.0.1" in proc.stderr, proc.stderr
 
 
 def test_pairs_file_errors_name_the_file_and_line(pairs_dir, tmp_path):

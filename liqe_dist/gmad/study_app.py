@@ -176,7 +176,11 @@ def serve(app: Flask, host: str = "127.0.0.1", port: int = 8080, threads: int = 
     """Serve until interrupted; prints the address (``port`` 0: a free port)."""
     from waitress import create_server
 
-    server = create_server(app, host=host, port=port, threads=threads, ident="liqe-dist-study")
+    try:
+        server = create_server(app, host=host, port=port, threads=threads, ident="liqe-dist-study")
+    except OSError as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (another server there? "
+                      f"choose another --port, or 0 for any free one)") from None
     shown = f"[{host}]" if ":" in host else host
     print(f"study at http://{shown}:{server.effective_port}/  (Ctrl+C stops; answers are saved as they come)",
           flush=True)

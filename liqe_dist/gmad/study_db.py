@@ -9,9 +9,9 @@ write.
 A participant's schedule is drawn once, at their first visit, from ``Random(f"{seed}:{id}")``
 (reproducible) and stored: every pair once in random order, plus ``round(repeat_fraction × N)``
 pairs (at most N − repeat_gap) shown again at least ``repeat_gap`` trials after their first
-showing (for the consistency check), each trial with the attacker's best image on a random side. ``trials.left`` records the
-side; ``answers.chosen`` holds the answer in the pair's terms: ``best`` (the attacker's best image
-looks better), ``worst`` or ``same``.
+showing (for the consistency check), each trial with the attacker's best image on a random side.
+``trials.left`` records the side; ``answers.chosen`` holds the answer in the pair's terms: ``best``
+(the attacker's best image looks better), ``worst`` or ``same``.
 
 A database belongs to one pairs file (its SHA-256 is stored) and one schedule setting; opening it
 with another is refused.
