@@ -177,7 +177,7 @@ def cmd_gmad_analyse(args: argparse.Namespace) -> int:
 
     db = Path(args.db)
     out = Path(args.out) if args.out else db.with_name(db.stem + "_analysis")
-    _, text = run_analysis(db, args.pairs, out)
+    _, text = run_analysis(db, args.pairs, out, args.same_weight)
     print(text)
     return 0
 
@@ -464,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pairs", help="the pairs.csv the study showed")
     p.add_argument("--db", required=True, help="the study's SQLite file")
     p.add_argument("--out", help="output folder (default: the database's name + '_analysis', beside it)")
+    p.add_argument("--same-weight", type=float, default=0.5,
+                   help="what a 'same' answer counts for the attacker in p (0.5: half, as in a forced choice; "
+                        "0: a win of the defender)")
     p.set_defaults(func=cmd_gmad_analyse)
 
     shards = sub.add_parser("shards", help="inspect packed shard sets").add_subparsers(dest="shards_command", required=True)

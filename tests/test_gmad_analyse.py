@@ -127,6 +127,19 @@ def test_analysis_gives_the_hand_computed_matrices(study):
     assert "aggressiveness (rows: attacker" in proc.stdout and "6 of 8 repeated pairs" in proc.stdout
 
 
+def test_same_weight_zero_makes_same_a_defender_win(study, tmp_path):
+    root, _ = study
+    proc = run_analyse(str(root / "pairs.csv"), "--db", str(root / "study.sqlite"), "--out", str(tmp_path / "o"),
+                       "--same-weight", "0")
+    assert proc.returncode == 0, proc.stderr
+    judged = {int(r["pair"]): float(r["p_attacker"]) for r in csv.DictReader(open(tmp_path / "o" / "pairs_judged.csv"))}
+    assert judged == {0: 0.5, 1: 1.0, 2: 0.0, 3: 0.0, 4: 0.75}   # b / n
+    rows = list(csv.DictReader(open(tmp_path / "o" / "aggressiveness.csv")))
+    assert float(rows[1]["a"]) == pytest.approx(0.75) and float(rows[2]["a"]) == 0.0
+    proc = run_analyse(str(root / "pairs.csv"), "--db", str(root / "study.sqlite"), "--same-weight", "2")
+    assert proc.returncode == 2 and "same_weight must be in [0, 1]" in proc.stderr
+
+
 def test_analysis_refuses_another_pairs_file(study, tmp_path):
     root, _ = study
     other = tmp_path / "other" / "pairs.csv"

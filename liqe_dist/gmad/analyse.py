@@ -3,10 +3,11 @@ resistance of every model (Ma et al., TPAMI 2020), participant consistency, pair
 
 Per pair (defender j, attacker i, level l), from each participant's first showing of it: b answers
 prefer the attacker's best image, w its worst, s say "same", n = b + w + s. The probability that
-the attacker is right, a "same" counting half (what an indistinguishable pair gives in a
-two-alternative forced choice):
+the attacker is right, a "same" counting ``same_weight`` (default 1/2: what an indistinguishable
+pair gives in a two-alternative forced choice; 0 makes "same" a plain win of the defender, who
+called the two images equal):
 
-    p_ij^l = (b + s/2) / n,   95 % Wilson interval on p with n trials.
+    p_ij^l = (b + same_weight · s) / n,   95 % Wilson interval on p with n trials.
 
 Aggressiveness of i attacking j, and resistance of j attacked by i, over the L_ij levels whose
 pair has answers:
@@ -63,7 +64,9 @@ class StudyAnalysis:
     judgments: int
 
 
-def analyse(pairs: PairsFile, records: StudyRecords) -> StudyAnalysis:
+def analyse(pairs: PairsFile, records: StudyRecords, same_weight: float = 0.5) -> StudyAnalysis:
+    if not 0.0 <= same_weight <= 1.0:
+        raise ValueError(f"same_weight must be in [0, 1], got {same_weight}")
     if records.meta.get("pairs_sha256") != pairs.sha256:
         raise StudyError(f"the study database was made for another pairs file than {pairs.path} "
                          f"(sha256 {records.meta.get('pairs_sha256', '?')[:12]}... vs {pairs.sha256[:12]}...)")
@@ -83,7 +86,7 @@ def analyse(pairs: PairsFile, records: StudyRecords) -> StudyAnalysis:
     for p in pairs.pairs:
         c = counts[p.pair]
         n = c["best"] + c["worst"] + c["same"]
-        prob = (c["best"] + c["same"] / 2) / n if n else float("nan")
+        prob = (c["best"] + same_weight * c["same"]) / n if n else float("nan")
         low, high = wilson_interval(prob, n)
         rows.append({"pair": p.pair, "defender": p.defender, "attacker": p.attacker, "level": p.level,
                      "best_key": p.keys["best"], "worst_key": p.keys["worst"], "judgments": n,
@@ -199,12 +202,13 @@ def format_matrix(matrix: np.ndarray, models: list[str], title: str) -> str:
     return "\n".join(lines)
 
 
-def run_analysis(db_path: str | Path, pairs_path: str | Path, out_dir: str | Path) -> tuple[StudyAnalysis, str]:
+def run_analysis(db_path: str | Path, pairs_path: str | Path, out_dir: str | Path,
+                 same_weight: float = 0.5) -> tuple[StudyAnalysis, str]:
     """Analyse a study and write pairs_judged.csv, aggressiveness.csv/.png, resistance.csv/.png,
     models.csv, consistency.csv and pairwise_labels.csv into ``out_dir``; returns the analysis and
     a text summary."""
     pairs = read_pairs(pairs_path, need_images=False)
-    analysis = analyse(pairs, read_study(db_path))
+    analysis = analyse(pairs, read_study(db_path), same_weight)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     models = analysis.models
@@ -221,7 +225,7 @@ def run_analysis(db_path: str | Path, pairs_path: str | Path, out_dir: str | Pat
 
     judged = sum(1 for r in analysis.pairs if r["judgments"])
     lines = [f"{analysis.participants} participants, {analysis.judgments} answers; {judged} of "
-             f"{len(analysis.pairs)} pairs judged",
+             f"{len(analysis.pairs)} pairs judged; a 'same' answer counts {same_weight:g} for the attacker",
              format_matrix(analysis.aggressiveness, models, "aggressiveness (rows: attacker, columns: defender)"),
              format_matrix(analysis.resistance, models, "resistance (rows: defender, columns: attacker)"),
              "model".ljust(16) + "aggressiveness".rjust(16) + "resistance".rjust(12)]
