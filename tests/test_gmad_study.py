@@ -261,6 +261,8 @@ def test_malformed_requests_get_4xx_and_change_nothing(server):
     for form in bad:
         status = server.request("POST", "/p/zoe/answer", urllib.parse.urlencode(form, doseq=True))[0]
         assert status == 400, (form, status)
+    assert server.post("/p/zoe/answer", answer="left", position="0") == 409          # the practice comes first
+    assert server.post("/p/zoe/practice", answer="left") == 303
     assert server.post("/p/zoe/answer", answer="left", position="3") == 409          # not shown yet
     assert server.post("/p/zoe/answer", answer="left", position="99999") == 404      # no such trial
     assert server.post("/p/nobody/answer", answer="left", position="0") == 404
@@ -289,6 +291,7 @@ def test_concurrent_participants_do_not_clash(server):
     def participant(name: str) -> None:
         try:
             assert server.post("/start", participant=name) == 303
+            assert server.post(f"/p/{name}/practice", answer="left") == 303
             n = len(db_rows_trials(server_db(server), name))
             for position in range(n):
                 assert server.post(f"/p/{name}/answer", answer=("left", "right", "same")[position % 3],
@@ -299,6 +302,7 @@ def test_concurrent_participants_do_not_clash(server):
     threads = [threading.Thread(target=participant, args=(f"p{i}",)) for i in range(6)]
     # two tabs of one participant racing for the same trial: one answer wins, the other is a 409
     assert server.post("/start", participant="twin") == 303
+    assert server.post("/p/twin/practice", answer="left") == 303
     results = []
     racers = [threading.Thread(target=lambda a=a: results.append(server.post("/p/twin/answer", answer=a,
                                                                             position="0")))

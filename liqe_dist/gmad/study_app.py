@@ -11,7 +11,7 @@ Images are served only as ``/p/<id>/image/<position>/<left|right>`` (a trial's s
 ``/practice/<original|blurred>``: numbers and fixed words that index the pairs read at start, so
 no text of a request reaches the file system. Anything malformed is a 4xx with a short page
 (400 bad form values, 404 unknown participant/trial/route, 409 an answer for a trial that is not
-the next one, 413 oversized form).
+the next one or before the practice, 413 oversized form).
 """
 
 from __future__ import annotations
@@ -108,6 +108,9 @@ def create_app(pairs: PairsFile, db_path: str | Path, settings: StudySettings) -
         answer = _answer_field()
         position = _int_field("position", 0, 10_000_000, required=True)
         response_ms = _int_field("response_ms", 0, MAX_RESPONSE_MS, required=False)
+        if not db.practice_done(participant):
+            return render_template("error.html", code=409, name="Conflict", description="the practice pair comes first",
+                                   next=url_for("participant_page", participant=participant)), 409
         try:
             db.answer(participant, position, answer, response_ms)
         except LookupError as exc:
