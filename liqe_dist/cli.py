@@ -153,7 +153,7 @@ def cmd_gmad_study(args: argparse.Namespace) -> int:
 
     from liqe_dist.gmad.pairs import read_pairs
     from liqe_dist.gmad.study_app import create_app, serve
-    from liqe_dist.gmad.study_db import StudyDB, StudySettings
+    from liqe_dist.gmad.study_db import StudyDB, StudySettings, repeats_per_participant
 
     given = {k: v for k, v in (("repeat_fraction", args.repeat_fraction), ("repeat_gap", args.repeat_gap),
                                 ("seed", args.seed)) if v is not None}
@@ -165,9 +165,9 @@ def cmd_gmad_study(args: argparse.Namespace) -> int:
         raise ValueError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
     pairs = read_pairs(args.pairs)
     app = create_app(pairs, args.db, settings)
-    trials = len(pairs.pairs) + round(settings.repeat_fraction * len(pairs.pairs))
-    log.info("%d pairs (%d trials per participant, %d repeated), answers in %s", len(pairs.pairs), trials,
-             trials - len(pairs.pairs), args.db)
+    repeats = repeats_per_participant(len(pairs.pairs), settings)
+    log.info("%d pairs (%d trials per participant, %d repeated), answers in %s", len(pairs.pairs),
+             len(pairs.pairs) + repeats, repeats, args.db)
     serve(app, args.host, args.port, args.threads)
     return 0
 

@@ -98,6 +98,11 @@ class Trial:
         return self.left if side == "left" else right
 
 
+def repeats_per_participant(n_pairs: int, settings: StudySettings) -> int:
+    """How many pairs each participant sees twice (the gap leaves the last ones out)."""
+    return min(round(settings.repeat_fraction * n_pairs), max(0, n_pairs - settings.repeat_gap))
+
+
 def schedule(pair_ids: list[int], participant: str, settings: StudySettings) -> list[tuple[int, bool, str]]:
     """The trials (pair, repeat, left) of one participant, in order (see the module docstring)."""
     rng = random.Random(f"{settings.seed}:{participant}")
@@ -105,7 +110,7 @@ def schedule(pair_ids: list[int], participant: str, settings: StudySettings) -> 
     rng.shuffle(order)
     # only pairs first shown early enough can keep the gap (later insertions only widen it)
     room = [p for p, _ in order[:max(0, len(order) - settings.repeat_gap)]]
-    for pair in rng.sample(room, min(round(settings.repeat_fraction * len(pair_ids)), len(room))):
+    for pair in rng.sample(room, repeats_per_participant(len(pair_ids), settings)):
         first = order.index((pair, False))
         order.insert(rng.randint(first + 1 + settings.repeat_gap, len(order)), (pair, True))
     return [(p, rep, "best" if rng.random() < 0.5 else "worst") for p, rep in order]
