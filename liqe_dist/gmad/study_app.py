@@ -24,7 +24,7 @@ from flask import Flask, Response, abort, redirect, render_template, request, se
 from werkzeug.exceptions import HTTPException
 
 from liqe_dist.gmad.pairs import MEDIA_TYPES, PairsFile
-from liqe_dist.gmad.study_db import ANSWERS, Conflict, StudyDB, StudySettings, check_participant
+from liqe_dist.gmad.study_db import ANSWERS, PARTICIPANT_ID, Conflict, Status, StudyDB, StudySettings
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,11 @@ def create_app(pairs: PairsFile, db_path: str | Path, settings: StudySettings) -
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024
     app.extensions["study_db"] = db
 
-    def known(participant: str) -> str:
-        try:
-            check_participant(participant)
-        except ValueError:
-            abort(404, "no such participant")
-        if not db.exists(participant):
+    def known(participant: str) -> Status:
+        status = db.status(participant) if PARTICIPANT_ID.fullmatch(participant) else None
+        if status is None:
             abort(404, f"no participant {participant!r}: start at the first page")
-        return participant
+        return status
 
     @app.get("/")
     def welcome():
@@ -77,22 +74,22 @@ def create_app(pairs: PairsFile, db_path: str | Path, settings: StudySettings) -
             new = db.register(participant)
         except ValueError as exc:
             return render_template("welcome.html", pairs=len(pairs.pairs), error=str(exc)), 400
-        done, total = db.progress(participant)
-        log.info("participant %s %s", participant, "starts" if new else f"resumes after {done} of {total} trials")
+        status = db.status(participant)
+        log.info("participant %s %s", participant,
+                 "starts" if new else f"resumes after {status.done} of {status.total} trials")
         return redirect(url_for("participant_page", participant=participant), 303)
 
     @app.get("/p/<participant>")
     def participant_page(participant: str):
-        known(participant)
-        done, total = db.progress(participant)
-        if not db.practice_done(participant):
-            return render_template("trial.html", practice=True, participant=participant, done=done, total=total,
-                                   position=0, hint=request.args.get("hint") == "1")
-        trial = db.next_trial(participant)
-        if trial is None:
-            return render_template("done.html", participant=participant, total=total)
-        return render_template("trial.html", practice=False, participant=participant, done=done, total=total,
-                               position=trial.position, hint=False)
+        status = known(participant)
+        if not status.practice_done:
+            return render_template("trial.html", practice=True, participant=participant, done=status.done,
+                                   total=status.total, position=0, hint=request.args.get("hint") == "1")
+        if status.finished:
+            return render_template("done.html", participant=participant, total=status.total)
+        # the images are fetched by position; the page needs no more than the next position
+        return render_template("trial.html", practice=False, participant=participant, done=status.done,
+                               total=status.total, position=status.done, hint=False)
 
     @app.post("/p/<participant>/practice")
     def practice_answer(participant: str):
@@ -104,11 +101,11 @@ def create_app(pairs: PairsFile, db_path: str | Path, settings: StudySettings) -
 
     @app.post("/p/<participant>/answer")
     def answer(participant: str):
-        known(participant)
+        status = known(participant)
         answer = _answer_field()
         position = _int_field("position", 0, 10_000_000, required=True)
         response_ms = _int_field("response_ms", 0, MAX_RESPONSE_MS, required=False)
-        if not db.practice_done(participant):
+        if not status.practice_done:
             return render_template("error.html", code=409, name="Conflict", description="the practice pair comes first",
                                    next=url_for("participant_page", participant=participant)), 409
         try:
@@ -118,9 +115,8 @@ def create_app(pairs: PairsFile, db_path: str | Path, settings: StudySettings) -
         except Conflict as exc:  # a second tab, or the browser's back button: show the way on
             return render_template("error.html", code=409, name="Conflict", description=str(exc),
                                    next=url_for("participant_page", participant=participant)), 409
-        done, total = db.progress(participant)
-        log.log(logging.INFO if done == total else logging.DEBUG, "participant %s: %d of %d trials answered",
-                participant, done, total)
+        log.log(logging.INFO if position + 1 == status.total else logging.DEBUG,
+                "participant %s: %d of %d trials answered", participant, position + 1, status.total)
         return redirect(url_for("participant_page", participant=participant), 303)
 
     @app.get("/p/<participant>/image/<int:position>/<any(left, right):side>")

@@ -98,6 +98,19 @@ class Trial:
         return self.left if side == "left" else right
 
 
+@dataclass(frozen=True)
+class Status:
+    """A participant's progress: practice done, trials answered, trials in their schedule."""
+
+    practice_done: bool
+    done: int
+    total: int
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.total
+
+
 def repeats_per_participant(n_pairs: int, settings: StudySettings) -> int:
     """How many pairs each participant sees twice (the gap leaves the last ones out)."""
     return min(round(settings.repeat_fraction * n_pairs), max(0, n_pairs - settings.repeat_gap))
@@ -197,36 +210,27 @@ class StudyDB:
                              in enumerate(schedule(self.pair_ids, participant, self.settings))])
         return True
 
-    def exists(self, participant: str) -> bool:
+    def status(self, participant: str) -> Status | None:
+        """Where the participant stands (one query); None if there is no such participant."""
         with self.connect() as con:
-            return con.execute("SELECT 1 FROM participants WHERE id = ?", (participant,)).fetchone() is not None
-
-    def practice_done(self, participant: str) -> bool:
-        with self.connect() as con:
-            row = con.execute("SELECT practice_done FROM participants WHERE id = ?", (participant,)).fetchone()
-        return bool(row and row[0])
+            row = con.execute(
+                "SELECT p.practice_done, (SELECT COUNT(*) FROM answers a WHERE a.participant = p.id), "
+                "(SELECT COUNT(*) FROM trials t WHERE t.participant = p.id) FROM participants p WHERE p.id = ?",
+                (participant,)).fetchone()
+        return None if row is None else Status(bool(row[0]), row[1], row[2])
 
     def finish_practice(self, participant: str) -> None:
         with self.connect(write=True) as con:
             con.execute("UPDATE participants SET practice_done = 1 WHERE id = ?", (participant,))
 
-    def progress(self, participant: str) -> tuple[int, int]:
-        """(answered, total) trials."""
-        with self.connect() as con:
-            done = con.execute("SELECT COUNT(*) FROM answers WHERE participant = ?", (participant,)).fetchone()[0]
-            total = con.execute("SELECT COUNT(*) FROM trials WHERE participant = ?", (participant,)).fetchone()[0]
-        return done, total
-
     def trial(self, participant: str, position: int) -> Trial | None:
         with self.connect() as con:
-            row = con.execute("SELECT pair, repeat, left FROM trials WHERE participant = ? AND position = ?",
-                              (participant, position)).fetchone()
-        return None if row is None else Trial(participant, position, row[0], bool(row[1]), row[2])
+            return _trial(con, participant, position)
 
     def next_trial(self, participant: str) -> Trial | None:
         """The first trial without an answer (answers are given in order); None when all are done."""
-        done, total = self.progress(participant)
-        return self.trial(participant, done) if done < total else None
+        status = self.status(participant)
+        return None if status is None or status.finished else self.trial(participant, status.done)
 
     def answer(self, participant: str, position: int, answer: str, response_ms: int | None = None) -> Trial:
         """Record the answer to the participant's next trial; ``Conflict`` if ``position`` is not it."""
@@ -234,18 +238,22 @@ class StudyDB:
             raise ValueError(f"answer must be one of {ANSWERS}, got {answer!r}")
         with self.connect(write=True) as con:
             done = con.execute("SELECT COUNT(*) FROM answers WHERE participant = ?", (participant,)).fetchone()[0]
-            row = con.execute("SELECT pair, repeat, left FROM trials WHERE participant = ? AND position = ?",
-                              (participant, position)).fetchone()
-            if row is None:
+            trial = _trial(con, participant, position)
+            if trial is None:
                 raise LookupError(f"participant {participant!r} has no trial {position}")
             if position != done:
                 raise Conflict(f"trial {position} {'is already answered' if position < done else 'is not shown yet'}; "
                                f"the next one is {done}")
-            trial = Trial(participant, position, row[0], bool(row[1]), row[2])
             chosen = "same" if answer == "same" else trial.side_image(answer)
             con.execute("INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?)",
                         (participant, position, answer, chosen, response_ms, time.time()))
         return trial
+
+
+def _trial(con: sqlite3.Connection, participant: str, position: int) -> Trial | None:
+    row = con.execute("SELECT pair, repeat, left FROM trials WHERE participant = ? AND position = ?",
+                      (participant, position)).fetchone()
+    return None if row is None else Trial(participant, position, row[0], bool(row[1]), row[2])
 
 
 def check_participant(participant: str) -> None:
