@@ -26,6 +26,7 @@ from liqe_dist.eval.shard_eval import TABLE_HEADER, evaluate_shards, table_row
 from liqe_dist.console import setup_logging
 from liqe_dist.models.registry import build_model
 from liqe_dist.models.weights import load_weights, save_weights
+from liqe_dist.outputs import claim_dir
 from liqe_dist.train.config import TrainConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "launch" / "configs" / "demo.yaml"
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a config key (dotted, value as YAML), e.g. --set epochs=2; repeatable")
     args = ap.parse_args(argv)
     setup_logging()
-    out = Path(args.out)
+    # the demo replaces its own subfolders (the run, gmad) at every run: only in a folder it owns
+    out = claim_dir(args.out, "demo", legacy=lambda p: (p / "synthetic" / "labels.csv").is_file())
     cfg = load_yaml(TrainConfig, args.config, parse_overrides(args.set))
 
     print("1. synthesising the demo dataset (scikit-image photographs x 10 distortions x 5 levels)")

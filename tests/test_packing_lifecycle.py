@@ -73,7 +73,7 @@ def test_a_full_disk_leaves_the_previous_set_whole(tmp_path, monkeypatch):
     with pytest.raises(PackingError, match=r"no space left on device while packing d; .* was left as it was"):
         pack(table, out, shard_max_count=3, force=True)
     assert (out / "manifest.json").read_text() == manifest and verify_shards(out, progress=False).ok
-    assert sorted(p.name for p in out.parent.iterdir()) == [".d.lock", "d"]  # no build folder, no partials
+    assert sorted(p.name for p in out.parent.iterdir()) == ["d"]  # no build folder, no partials, no lock
 
 
 @pytest.fixture

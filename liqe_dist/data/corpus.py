@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from collections import deque
@@ -40,11 +39,13 @@ from typing import Iterator
 from tqdm import tqdm
 
 from liqe_dist.data.images import MAX_PIXELS, ImageDecodeError, decode_image, is_image_path, read_image_file
-from liqe_dist.data.packing import (FORMAT, MANIFEST, REJECTS, PackingError, ShardSink, recover_swap, set_lock,
-                                    swap_in)
+from liqe_dist.data.packing import (FORMAT, MANIFEST, REJECTS, PackingError, ShardSink, check_set_dir,
+                                    new_build_dir, recover_swap, set_lock, swap_in, unchanged_set)
 from liqe_dist.data.parallel import ordered_map
 from liqe_dist.data.records import labels_to_json, make_key
 from liqe_dist.files import atomic_path
+from liqe_dist.outputs import InputGuard, owned_by, plain_name
+from liqe_dist.tables import tsv_line
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +83,14 @@ class CorpusResult:
     bytes: int
     skipped: bool     # an identical, complete pack was already there
     resumed_at: int   # listing entries skipped because a killed run had packed them
+    restarted: bool = False  # a killed run's work was dropped: the source had changed since
 
     def summary(self, name: str) -> str:
         if self.skipped:
             return f"{name}: up to date ({self.samples} images in {self.shards} shards) at {self.out_dir}"
         resumed = f", resumed after {self.resumed_at} entries" if self.resumed_at else ""
+        if self.restarted:
+            resumed = ", started over (the source changed since the killed pack)"
         return (f"packed corpus {name}: {self.samples} images in {self.shards} shard(s) ({self.bytes / 1e6:.1f} MB), "
                 f"{self.rejected} rejected, {self.duplicates} duplicate(s) ({self.dropped} dropped){resumed} "
                 f"-> {self.out_dir}")
@@ -94,15 +98,23 @@ class CorpusResult:
 
 def walk_images(root: Path) -> Iterator[Path]:
     """Image files under ``root``, depth first in sorted order, holding one directory's entries
-    at a time. Symbolic links to folders are not followed (they can loop)."""
-    try:
-        entries = sorted(os.scandir(root), key=lambda e: e.name)
-    except OSError as exc:
-        log.error("%s: cannot list (%s); skipped", root, exc.strerror)
-        return
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            yield from walk_images(Path(entry.path))
+    per level of depth (an explicit stack: a tree thousands of folders deep is walked as any
+    other). Symbolic links to folders are not followed (they can loop)."""
+    stack: list[Iterator[os.DirEntry]] = []
+
+    def enter(folder: str) -> None:
+        try:
+            stack.append(iter(sorted(os.scandir(folder), key=lambda e: e.name)))
+        except OSError as exc:
+            log.error("%s: cannot list (%s); skipped", folder, exc.strerror)
+
+    enter(str(root))
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+        elif entry.is_dir(follow_symlinks=False):
+            enter(entry.path)
         elif is_image_path(Path(entry.name)):
             yield Path(entry.path)
 
@@ -132,6 +144,27 @@ def list_corpus(source: str | Path) -> Iterator[tuple[str, Path]]:
         raise FileNotFoundError(f"{path}: no such folder or list file")
 
 
+def default_name(source: str | Path) -> str:
+    """The set name a corpus gets without ``--name``: the resolved folder's name (``.`` is the
+    current folder's), a list file's stem, or the name of a glob's fixed leading folder."""
+    text = str(source)
+    if glob.has_magic(text):
+        fixed = []
+        for part in Path(text).parts:
+            if glob.has_magic(part):
+                break
+            fixed.append(part)
+        path = Path(*fixed) if fixed else Path(".")
+    else:
+        path = Path(text)
+        if path.is_file():
+            return path.stem
+    name = path.resolve().name
+    if not name:
+        raise ValueError(f"{source}: no folder name to name the set after; give --name")
+    return name
+
+
 def corpus_key(name: str, relative: str) -> str:
     """A unique, readable shard key: the sanitised path plus 8 hex digits of the path's hash
     (sanitising can map two paths to one string: ``a.png``/``a.jpg``)."""
@@ -153,10 +186,6 @@ def inspect_image(args: tuple[str, int]) -> tuple[bytes | None, tuple[int, int] 
     return data, img.size, h.hexdigest(), ""
 
 
-def _tsv(*cells: str) -> str:
-    return "\t".join(str(c).replace("\t", " ").replace("\n", " ") for c in cells) + "\n"
-
-
 def _options_id(source: str, cfg: CorpusConfig) -> str:
     return hashlib.sha256(json.dumps({"source": source, "cfg": asdict(cfg)}, sort_keys=True).encode()).hexdigest()
 
@@ -173,25 +202,36 @@ def _truncate(path: Path, length: int, header: str) -> None:
 def pack_corpus(source: str | Path, out_dir: Path, name: str, cfg: CorpusConfig = CorpusConfig(),
                 progress: bool = True, force: bool = False) -> CorpusResult:
     """Pack the corpus ``source`` (see :func:`list_corpus`) as shard set ``out_dir``; resumes a
-    killed pack of the same source and options, rebuilds when they differ or with ``force``."""
+    killed pack of the same source, options and listing, rebuilds when they differ or with
+    ``force``. ``out_dir`` must lie apart from the source and hold none of its images."""
+    plain_name(name, "the set name")
     out_dir = Path(out_dir)
+    magic = glob.has_magic(str(source))
+    check_set_dir(out_dir, [] if magic else [source])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    source_id = str(Path(source).resolve()) if not glob.has_magic(str(source)) else str(source)
+    source_id = str(Path(source).resolve()) if not magic else str(source)
     options = _options_id(source_id, cfg)
     with set_lock(out_dir):
         recover_swap(out_dir)
-        manifest_path = out_dir / MANIFEST
-        if manifest_path.exists() and not force:
-            old = json.loads(manifest_path.read_text())
-            if old.get("fingerprint") == options and all((out_dir / s["name"]).exists() for s in old["shards"]):
-                return CorpusResult(out_dir, old["samples"], old["rejected"], old["duplicates"], old["dropped"],
-                                    len(old["shards"]), sum(s["bytes"] for s in old["shards"]), True, 0)
+        check_set_dir(out_dir)
+        old = unchanged_set(out_dir, options) if not force else None
+        if old is not None:
+            return CorpusResult(out_dir, old["samples"], old["rejected"], old["duplicates"], old["dropped"],
+                                len(old["shards"]), sum(s["bytes"] for s in old["shards"]), True, 0)
         build = out_dir.parent / f".{out_dir.name}.building"
         state = _load_progress(build, options) if not force else None
+        entries, listing, restarted = list_corpus(source), hashlib.sha256(), False
+        if state is not None:
+            listing = _listing_prefix(entries, state["consumed"])
+            if listing.hexdigest() != state["listing"]:
+                log.warning("%s changed since the killed pack (its first %d entries are not the files then "
+                            "listed: added, removed or modified); starting over", source, state["consumed"])
+                state, entries, listing, restarted = None, list_corpus(source), hashlib.sha256(), True
         if state is None:
-            shutil.rmtree(build, ignore_errors=True)
-            build.mkdir()
-        result = _pack(source, source_id, build, name, cfg, options, state, progress)
+            build = new_build_dir(out_dir)
+        result = _pack(entries, listing, source, source_id, build, name, cfg, options, state, progress,
+                       InputGuard(out_dir, "the shard set"))
+        result.restarted = restarted
         swap_in(build, out_dir)
     result.out_dir = out_dir
     return result
@@ -199,20 +239,47 @@ def pack_corpus(source: str | Path, out_dir: Path, name: str, cfg: CorpusConfig 
 
 def _load_progress(build: Path, options: str) -> dict | None:
     """What a killed pack of the same source and options finished, or None to start over."""
+    if not owned_by(build, "pack"):
+        return None
     try:
         state = json.loads((build / PROGRESS).read_text())
     except (OSError, ValueError):
         return None
-    if state.get("options") != options:
+    if not isinstance(state, dict) or state.get("options") != options or "listing" not in state:
         log.info("%s: left by a pack of other inputs or options; starting over", build)
         return None
     return state
 
 
-def _pack(source, source_id: str, build: Path, name: str, cfg: CorpusConfig, options: str,
-          state: dict | None, progress: bool) -> CorpusResult:
-    state = state or {"options": options, "consumed": 0, "samples": 0, "rejected": 0, "duplicates": 0,
-                      "dropped": 0, "shards": [], "offsets": {REJECTS: 0, DUPLICATES: 0, HASHES: 0}}
+def _entry_digest(h, relative: str, stat: os.stat_result | None) -> None:
+    """Fold one listing entry (name, size, modification time) into the listing's hash ``h``."""
+    seen = f"{stat.st_size}:{stat.st_mtime_ns}" if stat is not None else "missing"
+    h.update(os.fsencode(relative) + b"\0" + seen.encode() + b"\n")
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def _listing_prefix(entries: Iterator[tuple[str, Path]], count: int):
+    """The hash of the first ``count`` entries of a listing (consumed from ``entries``)."""
+    h = hashlib.sha256()
+    for relative, path in islice(entries, count):
+        _entry_digest(h, relative, _stat(str(path)))
+    return h
+
+
+def _pack(entries: Iterator[tuple[str, Path]], listing, source, source_id: str, build: Path, name: str,
+          cfg: CorpusConfig, options: str, state: dict | None, progress: bool,
+          guard: InputGuard) -> CorpusResult:
+    """Pack the listing ``entries`` (past what ``state`` finished; ``listing``: the hash of the
+    entries before them) into ``build``; ``guard`` refuses an entry inside the set's folder."""
+    state = state or {"options": options, "consumed": 0, "listing": listing.hexdigest(), "samples": 0,
+                      "rejected": 0, "duplicates": 0, "dropped": 0, "shards": [],
+                      "offsets": {REJECTS: 0, DUPLICATES: 0, HASHES: 0}}
     kept = {s["name"] for s in state["shards"]}
     for p in build.iterdir():  # an unfinished shard of the killed run
         if p.name.endswith((".tar", ".partial")) and p.name not in kept:
@@ -241,12 +308,12 @@ def _pack(source, source_id: str, build: Path, name: str, cfg: CorpusConfig, opt
             tmp.write_text(json.dumps(snapshot))
 
     sink = ShardSink(build, name, cfg, shards=state["shards"], on_close=save_progress)
-    entries = islice(list_corpus(source), resumed_at, None)
-    pending: deque[tuple[str, str]] = deque()  # (name, path) of the items in flight, in order
+    pending: deque[tuple[str, str, os.stat_result | None]] = deque()  # the items in flight, in order
 
     def jobs():
         for relative, path in entries:
-            pending.append((relative, str(path)))
+            guard(path)
+            pending.append((relative, str(path), _stat(str(path))))
             yield str(path), cfg.max_pixels
 
     started = time.perf_counter()
@@ -255,11 +322,12 @@ def _pack(source, source_id: str, build: Path, name: str, cfg: CorpusConfig, opt
     try:
         for data, size, digest, reason in tqdm(results, unit="img", desc=f"packing {name}", disable=not progress,
                                                initial=resumed_at, smoothing=0.1):
-            relative, path = pending.popleft()
+            relative, path, stat = pending.popleft()
             consumed += 1
+            _entry_digest(listing, relative, stat)
             if data is None:
                 counts["rejected"] += 1
-                files[REJECTS].write(_tsv(relative, path, reason))
+                files[REJECTS].write(tsv_line(relative, path, reason))
                 log.warning("rejected %s: %s", path, reason)
                 continue
             key = corpus_key(name, relative)
@@ -267,7 +335,7 @@ def _pack(source, source_id: str, build: Path, name: str, cfg: CorpusConfig, opt
             if first is not None:
                 twice = first == key
                 counts["duplicates"] += not twice
-                files[DUPLICATES].write(_tsv(relative, key, first))
+                files[DUPLICATES].write(tsv_line(relative, key, first))
                 if twice or cfg.drop_duplicates:
                     counts["dropped"] += 1
                     continue
@@ -281,13 +349,17 @@ def _pack(source, source_id: str, build: Path, name: str, cfg: CorpusConfig, opt
             counts["samples"] += 1
             for f in files.values():
                 f.flush()
-            snapshot.update(counts, consumed=consumed,
+            snapshot.update(counts, consumed=consumed, listing=listing.hexdigest(),
                             offsets={n: os.path.getsize(build / n) for n in files})
+    except BaseException:
+        sink.abandon()
+        raise
     finally:
         results.close()
     # entries after the last written sample (rejects, dropped duplicates) belong to no shard:
     # the final snapshot covers them before the last shard closes
-    snapshot.update(counts, consumed=consumed, offsets={n: os.path.getsize(build / n) for n in files})
+    snapshot.update(counts, consumed=consumed, listing=listing.hexdigest(),
+                    offsets={n: os.path.getsize(build / n) for n in files})
     shards = sink.finish()
     for f in files.values():
         f.close()

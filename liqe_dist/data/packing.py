@@ -17,6 +17,14 @@ set as it was; the manifest is written last. A lock file (``.NAME.lock``) keeps 
 one set. Re-running with the same inputs and options (labels, image bytes of generated records,
 size and modification time of image files) finds the manifest's fingerprint unchanged and does
 nothing; otherwise the set is rebuilt.
+
+What a pack may replace (``liqe_dist.outputs``): an existing ``OUT/NAME`` only when it is empty
+or a shard set (its manifest says so), and only when it neither holds nor lies inside an input
+(the dataset's folder or table, its lists, its image files); anything else is an error and
+nothing is touched. The set name is one plain name. Keys never hold a dot whatever the name
+(WebDataset splits a member name at its first dot), and every shard is read back through
+WebDataset's own tar reader before it is kept, so a pack cannot report success on shards that
+do not read as the samples written. The lock file goes when the pack ends.
 """
 
 from __future__ import annotations
@@ -34,11 +42,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterable, Literal
 
 import webdataset as wds
 from tqdm import tqdm
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from liqe_dist.config import ConfigError
 from liqe_dist.data.images import MAX_PIXELS
 from liqe_dist.files import atomic_path, partial_path
 from liqe_dist.data.labels import VOCABULARY_VERSION
@@ -46,6 +56,8 @@ from liqe_dist.data.parallel import ordered_map
 from liqe_dist.data.records import Record, labels_to_json
 from liqe_dist.data.splits import assign_splits, split_summary
 from liqe_dist.data.validate import validate_record
+from liqe_dist.tables import tsv_line
+from liqe_dist.outputs import OWNER_FILE, OutputError, check_apart, mark, owned_by, plain_name, remove_owned
 
 log = logging.getLogger(__name__)
 
@@ -152,37 +164,110 @@ class PackingError(ValueError):
     the previous set, if any, is left as it was."""
 
 
+OWNER_KIND = "pack"  # the owner record of a folder a pack is building
+
+
+def is_shard_set(path: Path) -> bool:
+    """Whether ``path`` is a folder holding a shard set this project wrote (its manifest)."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def check_set_dir(out_dir: Path, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """OutputError unless packing may replace ``out_dir``: it is missing, empty or a shard set,
+    and lies apart from every input (see the module docstring)."""
+    check_apart(out_dir, inputs, "the shard set")
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise OutputError(f"{out_dir}: exists and is not a folder; nothing was changed")
+    if out_dir.is_dir() and not is_shard_set(out_dir) and any(out_dir.iterdir()):
+        raise OutputError(f"{out_dir}: exists and is not a shard set (no {MANIFEST} of {FORMAT}); it is left as it "
+                          f"is: choose another --out or --name")
+
+
+def _is_build(path: Path) -> bool:
+    return owned_by(path, OWNER_KIND)
+
+
+def new_build_dir(out_dir: Path) -> Path:
+    """An empty, marked ``.NAME.building`` beside ``out_dir`` (one a killed pack left is removed:
+    the lock says none is running, and its mark says it is a pack's)."""
+    build = out_dir.parent / f".{out_dir.name}.building"
+    remove_owned(build, _is_build)
+    build.mkdir()
+    mark(build, OWNER_KIND)
+    return build
+
+
 @contextmanager
 def set_lock(out_dir: Path):
-    """Exclusive, non-blocking lock on a set's folder (released when the process ends, however)."""
+    """Exclusive, non-blocking lock on a set's folder (released when the process ends, however);
+    the lock file is removed when the block ends. A waiting process that locked a file already
+    removed sees it is not the file at the path and tries again."""
     lock_path = out_dir.parent / f".{out_dir.name}.lock"
-    with open(lock_path, "a") as f:
+    while True:
+        f = open(lock_path, "a")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            f.close()
             raise PackingError(f"{out_dir}: another pack is writing this set (lock {lock_path})") from None
+        try:
+            if os.fstat(f.fileno()).st_ino == os.stat(lock_path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
         yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        f.close()
 
 
 def swap_in(build: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``build``: two renames, recoverable by :func:`recover_swap`."""
+    """Replace ``out_dir`` (a shard set, or missing or empty) by ``build``: two renames,
+    recoverable by :func:`recover_swap`."""
     old = out_dir.parent / f".{out_dir.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
+    remove_owned(old, is_shard_set)
     if out_dir.exists():
         os.rename(out_dir, old)
     os.rename(build, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    (out_dir / OWNER_FILE).unlink(missing_ok=True)  # the manifest proves a set from here on
+    if old.exists():
+        if is_shard_set(old):
+            shutil.rmtree(old)
+        else:  # an empty folder the user made
+            old.rmdir()
 
 
 def recover_swap(out_dir: Path) -> None:
     """Finish what a swap interrupted between its renames left (the lock is held)."""
     old = out_dir.parent / f".{out_dir.name}.old"
-    if old.exists():
+    if old.is_dir() and is_shard_set(old):
         if out_dir.exists():
             shutil.rmtree(old)
         else:
             os.rename(old, out_dir)
 
+
+def unchanged_set(out_dir: Path, fingerprint: str) -> dict | None:
+    """The manifest of the set at ``out_dir`` when it was packed from the same inputs and options
+    (``fingerprint``) and all its shards are there; None when it must be (re)built."""
+    if not is_shard_set(out_dir):
+        return None
+    old = json.loads((out_dir / MANIFEST).read_text())
+    if old.get("fingerprint") == fingerprint and all((out_dir / s["name"]).exists() for s in old["shards"]):
+        return old
+    return None
+
+
+def read_back(path: Path) -> list[str]:
+    """The keys WebDataset's own tar reader finds in the shard ``path``, in order."""
+    with open(path, "rb") as f:
+        return [s["__key__"] for s in group_by_keys(dict(e, __url__=str(path)) for e in tar_file_iterator(f))]
 
 
 class ShardSink:
@@ -201,6 +286,8 @@ class ShardSink:
         self._bytes = 0
 
     def write(self, key: str, ext: str, image: bytes, labels: bytes) -> None:
+        if "." in key or "/" in key or not key:
+            raise ValueError(f"shard key {key!r}: a key holds no dot or slash (WebDataset splits at the first dot)")
         size = len(image) + len(labels) + 2048  # two tar headers + padding
         if self._writer is not None and (self._count >= self.cfg.shard_max_count
                                          or self._bytes + size > self.cfg.shard_max_bytes):
@@ -212,13 +299,23 @@ class ShardSink:
             self._file = open(self._partial, "wb")
             self._writer = wds.TarWriter(self._file, encoder=False, mtime=0)
             self._count = self._bytes = 0
+            self._keys: list[str] = []
         self._writer.write({"__key__": key, ext: image, "json": labels})
+        self._keys.append(key)
         self._count += 1
         self._bytes += size
 
     def _close(self) -> None:
         self._writer.close()
         self._file.close()
+        try:
+            found = read_back(self._partial)
+        except (OSError, ValueError) as exc:  # what WebDataset raises on a tar it cannot group
+            raise PackingError(f"{self._path}: WebDataset cannot read the shard just written ({exc}); nothing "
+                               f"was replaced") from None
+        if found != self._keys:
+            raise PackingError(f"{self._path}: wrote {len(self._keys)} sample(s), WebDataset reads {len(found)} "
+                               f"({', '.join(found[:3])}...); nothing was replaced")
         digest = hashlib.sha256(self._partial.read_bytes()).hexdigest()
         self._partial.replace(self._path)
         self.shards.append({"name": self._path.name, "samples": self._count,
@@ -226,6 +323,14 @@ class ShardSink:
         self._writer = None
         if self.on_close is not None:
             self.on_close()
+
+    def abandon(self) -> None:
+        """Close the open shard's file without keeping it (an interrupted pack: its partial file
+        is removed by whoever cleans the building folder)."""
+        if self._writer is not None:
+            self._writer.close()  # the tar stream first: it flushes into the file when collected
+            self._file.close()
+            self._writer = None
 
     def finish(self) -> list[dict]:
         if self._writer is not None:
@@ -235,12 +340,16 @@ class ShardSink:
 
 def pack_records(records: list[Record], out_dir: Path, dataset: str, source: dict,
                  cfg: PackConfig = PackConfig(), progress: bool = True, force: bool = False) -> PackResult:
-    """Validate, split and write ``records`` as a shard set in ``out_dir``."""
+    """Validate, split and write ``records`` as a shard set in ``out_dir`` (which must stand
+    apart from ``source``'s root and lists and hold none of the images)."""
+    plain_name(dataset, "the set name")
     if not records:
         raise ValueError(f"{dataset}: no records to pack")
+    out_dir = Path(out_dir)
+    inputs = [source.get("root"), source.get("lists")] + [r.path for r in records if r.path is not None]
+    check_set_dir(out_dir, inputs)
     unique_keys(records)
     split_info = assign_splits(records, count=cfg.splits, seed=cfg.seed)
-    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(records, cfg)
     if cfg.order == "shuffled":
@@ -248,20 +357,17 @@ def pack_records(records: list[Record], out_dir: Path, dataset: str, source: dic
         random.Random(cfg.order_seed).shuffle(records)
     with set_lock(out_dir):
         recover_swap(out_dir)
-        manifest_path = out_dir / MANIFEST
-        if manifest_path.exists() and not force:
-            old = json.loads(manifest_path.read_text())
-            if old.get("fingerprint") == fingerprint and all((out_dir / s["name"]).exists() for s in old["shards"]):
-                return PackResult(out_dir, old["samples"], old["rejected"], len(old["shards"]),
-                                  sum(s["bytes"] for s in old["shards"]), skipped=True)
-        build = out_dir.parent / f".{out_dir.name}.building"
-        shutil.rmtree(build, ignore_errors=True)  # left by a killed run: the lock says none is running
-        build.mkdir()
+        check_set_dir(out_dir)  # again under the lock: what is there now is what a swap replaces
+        old = unchanged_set(out_dir, fingerprint) if not force else None
+        if old is not None:
+            return PackResult(out_dir, old["samples"], old["rejected"], len(old["shards"]),
+                              sum(s["bytes"] for s in old["shards"]), skipped=True)
+        build = new_build_dir(out_dir)
         try:
             result = _write_set(records, build, dataset, source, cfg, split_info, fingerprint, progress)
             swap_in(build, out_dir)
         except BaseException as exc:
-            shutil.rmtree(build, ignore_errors=True)
+            shutil.rmtree(build, ignore_errors=True)  # made above, by this process
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 raise PackingError(f"{out_dir.parent}: no space left on device while packing {dataset}; "
                                    f"{out_dir} was left as it was") from None
@@ -306,13 +412,16 @@ def _write_set(records: list[Record], out_dir: Path, dataset: str, source: dict,
                               ("scenes", bool(rec.scenes)), ("distortion", rec.distortion is not None),
                               ("reference", rec.reference is not None)):
                 label_counts[name] += has
+    except BaseException:
+        sink.abandon()
+        raise
     finally:
         results.close()  # stops (kills) the workers when the loop ended early
     shards = sink.finish()
-    with open(out_dir / REJECTS, "w") as f:
+    with open(out_dir / REJECTS, "w", encoding="utf-8", errors="surrogateescape") as f:
         f.write("source\tpath\treason\n")
         for row in rejects:
-            f.write("\t".join(str(c).replace("\t", " ") for c in row) + "\n")
+            f.write(tsv_line(*row))
     if not written:
         raise ValueError(f"{dataset}: every image was rejected (see {out_dir / REJECTS})")
     # recount over the images actually written (rejects left out)
@@ -343,3 +452,16 @@ def read_manifest(shard_dir: Path) -> dict:
         manifest = manifest if isinstance(manifest, dict) else {}
         raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
+
+
+def check_labelled_set(shards: str | Path, key: str) -> None:
+    """``shards`` is a packed set with MOS labels, as training and cross-dataset scoring need;
+    else a ConfigError naming ``key`` (an unlabelled corpus, from ``pack folder``, has none)."""
+    try:
+        manifest = read_manifest(Path(shards))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    labels = manifest.get("labels")
+    if manifest.get("kind") == "corpus" or (isinstance(labels, dict) and labels.get("mos") == 0):
+        raise ConfigError(f"{key}: {shards} is an unlabelled corpus (no MOS): it can be scored (score-shards) "
+                         f"but not trained or evaluated on; pack a labelled set (liqe-dist pack FORMAT ...)")

@@ -19,9 +19,10 @@ _KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 
 def make_key(dataset: str, relative: str) -> str:
     """A shard key from a dataset name and the image's path inside the dataset: no dots (they
-    separate key and extension in WebDataset), no slashes; readable and stable."""
+    separate key and extension in WebDataset; a set named ``v1.0`` gives keys ``v1_0_...``), no
+    slashes; readable and stable."""
     stem = relative.rsplit(".", 1)[0] if "." in Path(relative).name else relative
-    return f"{dataset}_{_KEY_CHARS.sub('_', stem).strip('_')}"
+    return f"{_KEY_CHARS.sub('_', dataset)}_{_KEY_CHARS.sub('_', stem).strip('_')}"
 
 
 @dataclass

@@ -24,6 +24,8 @@ from PIL import Image, ImageEnhance, ImageFilter
 from skimage import data as skdata
 from skimage.metrics import structural_similarity
 
+from liqe_dist.outputs import claim_dir
+
 LEVELS = 5
 #: Long side of the synthetic images, px (crops are 224, so a 512 px image gives a 3x10 grid).
 IMAGE_SIDE = 512
@@ -185,15 +187,15 @@ def write_synthetic_dataset(out: Path, references: int | None = None, max_side: 
     :func:`level_mos`; ``ssim`` is each image's own 100 x SSIM against its reference.
 
     ``references`` limits how many of :data:`REFERENCES` are used (all by default); each gives
-    1 + 10 x 5 = 51 images.
+    1 + 10 x 5 = 51 images. ``out`` is created, or must be empty or an earlier output of this
+    function (:func:`liqe_dist.outputs.claim_dir`).
     """
     import csv
     import multiprocessing as mp
 
     from tqdm import tqdm
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_dir(out, "make-synthetic")
     count = min(references, len(REFERENCES)) if references else len(REFERENCES)
     jobs = [(i, out, max_side) for i in range(count)]
     rows: list[dict] = []

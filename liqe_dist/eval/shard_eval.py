@@ -22,6 +22,7 @@ from liqe_dist.data.packing import read_manifest
 from liqe_dist.data.stream import EvalSamples, collate_eval
 from liqe_dist.eval.metrics import Correlation, correlation
 from liqe_dist.models.base import IQAModel, Prediction
+from liqe_dist.outputs import claim_dir
 
 
 @dataclass
@@ -154,8 +155,7 @@ def write_results(results: dict[str, DatasetEval], out_dir: str | Path, part: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_dir(out_dir, "eval")
     with open(out / "metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["dataset", "part", "images", "srcc", "krcc", "plcc", "rmse", "scene_acc", "distortion_acc",
