@@ -13,15 +13,18 @@ __version__ = "0.1.0"
 
 
 def load(name: str | None = None, checkpoint: str | None = None, pretrained: str | None = None,
-         precision: str = "auto", device: str = "auto", batch_images: int = 8):
+         precision: str = "fp32", device: str = "auto", batch_images: int | None = None):
     """A :class:`liqe_dist.eval.scoring.Scorer` for a model.
 
     ``checkpoint``: a local weights file: a project ``.safetensors`` of any family (LIQE,
     PMT-IQA: read from the file), the released LIQE ``.pt``, pyiqa's ``liqe_mix.pt``;
     ``pretrained``: an open_clip tag such as ``openai`` (downloaded by open_clip) for LIQE
     ``name`` (default ViT-B-32); neither: random weights (useful only for tests).
-    ``precision``: ``auto`` (bf16 where ``device`` computes it natively, else fp32), fp32 or
-    bf16. ``device``: ``auto`` (the GPU when there is one), ``cpu`` or ``cuda[:N]``.
+    ``precision``: fp32 (the default: the same scores on every machine), bf16, or ``auto``
+    (bf16 where ``device`` computes it natively, else fp32: faster, and the scores then depend
+    on the machine). ``device``: ``auto`` (the GPU when there is one), ``cpu`` or ``cuda[:N]``.
+    ``batch_images``: images per forward pass (default: as ``liqe-dist score``, 2 on the CPU,
+    16 on a GPU).
     """
     from liqe_dist.eval.scoring import Scorer
     from liqe_dist.hardware import resolve_device, resolve_precision

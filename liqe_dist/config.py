@@ -256,3 +256,20 @@ def load_yaml(cls: type[T], path: str | Path, overrides: dict[str, Any] | None =
 def to_dict(obj: Any) -> dict[str, Any]:
     """Plain-dict form of a config dataclass (for logs, manifests and checkpoint metadata)."""
     return dataclasses.asdict(obj)
+
+
+def describe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (``key: old -> new``): what a
+    resumed run or a restored search reports when its configuration changed."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        dotted = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += describe_changes(a, b, dotted + ".")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                out += describe_changes({f"[{i}]": x}, {f"[{i}]": y}, dotted)
+        elif a != b:
+            out.append(f"{dotted}: {a!r} -> {b!r}")
+    return out

@@ -49,12 +49,25 @@ def describe() -> str:
     return line
 
 
+#: Set to 1 or 0 to make this process treat its CPU as computing bf16 natively or not, whatever
+#: its flags: how the test suite is run once per branch, proving no result depends on the CPU.
+NATIVE_BF16_ENV = "LIQE_NATIVE_BF16"
+
+
 def native_bf16(device: str = "cpu", cpu_flags: frozenset[str] | None = None, cuda_bf16: bool | None = None) -> bool:
-    """Whether ``device`` computes bf16 natively (``cpu_flags``/``cuda_bf16`` override detection)."""
+    """Whether ``device`` computes bf16 natively (``cpu_flags``/``cuda_bf16`` override detection;
+    without ``cpu_flags``, :data:`NATIVE_BF16_ENV` overrides the CPU's flags)."""
     if str(device).startswith("cuda"):
         return torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16
+    if cpu_flags is None and os.environ.get(NATIVE_BF16_ENV) in ("0", "1"):
+        return os.environ[NATIVE_BF16_ENV] == "1"
     flags = cpu_info()[1] if cpu_flags is None else cpu_flags
     return any(f in flags for f in BF16_CPU_FLAGS)
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """``fp32``/``bf16`` for a model's compute dtype (the names configs and run records use)."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype).removeprefix("torch."))
 
 
 _warned: set[str] = set()

@@ -1,6 +1,7 @@
 """The training loop on real ranks (spawned processes, gloo, DeepSpeed) and under Ray Train."""
 
 import csv
+import dataclasses
 import math
 import json
 import shutil
@@ -14,7 +15,7 @@ from dist_workers import train_configs_rank, train_rank
 from liqe_dist.dist.local_group import free_local_port as free_port
 from shard_fixtures import pack_csv, write_csv_dataset
 from liqe_dist.models.weights import load_weights
-from liqe_dist.config import to_dict
+from liqe_dist.config import load_yaml, to_dict
 from liqe_dist.data.crops import CropConfig
 from liqe_dist.dist.engine import OptimConfig
 from liqe_dist.models.liqe.config import LIQEConfig
@@ -80,6 +81,15 @@ def test_two_ranks_train_evaluate_checkpoint_and_resume(shards):
     mp.spawn(train_rank, args=(2, free_port(), to_dict(cfg)), nprocs=2, join=True)
     assert [int(r["step"]) for r in rows(run / "steps.csv")] == list(range(1, 13))
     assert [int(r["step"]) for r in rows(run / "eval.csv")] == [4, 8, 12]
+    tb = EventAccumulator(str(run / "tb"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("loss")] == list(range(1, 13))  # the redone 9..12 once each
+    assert [e.step for e in tb.Scalars("test/a/srcc")] == [4, 8, 12]
+    # the run recorded its config and each start
+    assert load_yaml(TrainConfig, run / "config.yaml") == dataclasses.replace(
+        cfg, out_dir=str(base / "runs"), datasets=[dataclasses.replace(d, shards=str(d.shards)) for d in cfg.datasets])
+    assert [r["resumed_from"] for r in json.loads((run / "run.json").read_text())["runs"]] == [
+        None, str(run / "checkpoints" / "step-00000008")]
     # extend the finished run: it resumes from step 12 instead of starting again
     more = config(base, a, b, epochs=4)
     mp.spawn(train_rank, args=(2, free_port(), to_dict(more)), nprocs=2, join=True)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from liqe_dist.data.crops import CropConfig, ImageShapeError, eval_crops
-from liqe_dist.hardware import resolve_device
+from liqe_dist.hardware import precision_name, resolve_device
 from liqe_dist.data.images import ImageDecodeError, decode_image, is_image_path, to_rgb
 from liqe_dist.models.base import IQAModel
 
@@ -121,6 +121,13 @@ def default_batch_images(device: torch.device) -> int:
     return 2 if device.type == "cpu" else 16
 
 
+def describe_run(model: IQAModel, device: torch.device | str, crops: CropConfig, batch_images: int) -> str:
+    """The start line of every scoring or evaluation run: what decides its numbers (family,
+    precision, crops) and its speed (device, batch)."""
+    return (f"{model.family} on {device}, {precision_name(model.dtype)}, {crops.eval_crops} crops of {crops.size} px per image, "
+            f"{batch_images} image(s) per batch")
+
+
 class Scorer:
     """Scores images with a model of any family: ``Scorer(model).score(["a.jpg", pil_image])``.
 
@@ -136,6 +143,10 @@ class Scorer:
         self.crops = crops or default_crops(model)
         self.batch_images = batch_images or default_batch_images(self.device)
         self.num_workers = num_workers
+
+    def describe(self) -> str:
+        """The start line of a scoring run (:func:`describe_run`)."""
+        return describe_run(self.model, self.device, self.crops, self.batch_images)
 
     def predict(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 crops ``[B, U, 3, H, W]`` (any device) -> ``[B, 1 + 2 H]`` float64 on the device:

@@ -18,10 +18,12 @@ import math
 import os
 from pathlib import Path
 
-from liqe_dist.config import from_dict, to_dict
-from liqe_dist.data.packing import read_manifest
+from liqe_dist.config import from_dict
+from liqe_dist.data.packing import check_labelled_set, read_manifest
 from liqe_dist.hardware import process_group_backend
-from liqe_dist.train.config import TrainConfig
+from liqe_dist.outputs import claim_dir
+from liqe_dist.train.config import TrainConfig, resolved_config
+from liqe_dist.train.state import check_resume
 
 log = logging.getLogger("liqe_dist.run")
 
@@ -80,16 +82,6 @@ def connect(address: str | None, cpus: float) -> None:
         start_local_cluster(max(os.cpu_count() or 1, math.ceil(cpus)))
 
 
-def absolute_paths(cfg: TrainConfig) -> dict:
-    """``cfg`` as a dict with its run folder and shard sets as absolute paths: Ray workers start
-    in their own folders, where relative paths would find neither."""
-    out = to_dict(cfg)
-    out["out_dir"] = str(Path(cfg.out_dir).resolve())
-    for d in out["datasets"]:
-        d["shards"] = str(Path(d["shards"]).resolve())
-    return out
-
-
 def make_trainer(cfg: TrainConfig, callbacks: list | None = None):
     """The TorchTrainer of one run: ``cfg.workers`` workers running :func:`_train_loop`; Ray
     Train's own files go next to the run folder (``OUT_DIR/ray/NAME``)."""
@@ -113,7 +105,7 @@ def make_trainer(cfg: TrainConfig, callbacks: list | None = None):
     run_dir = Path(cfg.run_dir).resolve()
     return Trainer(
         _train_loop,
-        train_loop_config={"config": absolute_paths(cfg)},
+        train_loop_config={"config": resolved_config(cfg)},
         torch_config=TorchConfig(backend=process_group_backend(cfg.use_gpu)),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.resolved_cpus_per_worker},
@@ -125,9 +117,15 @@ def make_trainer(cfg: TrainConfig, callbacks: list | None = None):
 
 
 def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
-    """Train with ``cfg.workers`` Ray Train workers; returns the run's summary (:func:`run_summary`)."""
-    for d in cfg.datasets:  # before a cluster starts
-        read_manifest(Path(d.shards))
+    """Train with ``cfg.workers`` Ray Train workers; returns the run's summary (:func:`run_summary`).
+    Everything that can be checked is, before a cluster starts: the shard sets, the run folder
+    (new, or one a training wrote), and that a run with checkpoints there has this config."""
+    for i, d in enumerate(cfg.datasets):
+        check_labelled_set(d.shards, f"datasets[{i}].shards")
+    claim_dir(cfg.run_dir, "train", inputs=[d.shards for d in cfg.datasets], what="run folder",
+              legacy=lambda p: (p / "events.jsonl").is_file())
+    check_resume(cfg)
+    log.info("%s", cfg.describe_batches())
     connect(address, cfg.workers * cfg.resolved_cpus_per_worker + 1)
     from liqe_dist.console import follow_console
 

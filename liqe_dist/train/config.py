@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from liqe_dist.config import describe_changes, to_dict
 
 from liqe_dist.data.crops import CropConfig
 from liqe_dist.data.stream import DatasetSpec
 from liqe_dist.dist.engine import OptimConfig
 from liqe_dist.models.registry import ModelConfig, default_model_config
+from liqe_dist.outputs import plain_name
 from liqe_dist.train.weighting import WeightingConfig
 
 
@@ -41,6 +46,9 @@ class TrainConfig:
     max_failures: int = 2           # worker-group restarts from the latest checkpoint
     out_dir: str = "runs/train"
     name: str = "liqe"
+    # datasets[].batch_size is each rank's mini-batch (false: the global batch grows with the
+    # workers) or the global one, divided over the workers (true: the paper's sizes at any scale)
+    batch_is_global: bool = False
 
     def __post_init__(self) -> None:
         if self.optim.schedule is None:  # frozen: fill the family's default schedule once
@@ -77,6 +85,26 @@ class TrainConfig:
         bad = set(self.eval_parts) - {"val", "test"}
         if bad:
             raise ValueError(f"eval_parts: unknown part(s) {sorted(bad)}")
+        plain_name(self.name, "name")
+        if self.batch_is_global:
+            for d in self.datasets:
+                if d.batch_size % self.workers:
+                    raise ValueError(f"datasets.{d.name}.batch_size: {d.batch_size} images is the global batch "
+                                     f"(batch_is_global: true) and does not divide over {self.workers} workers")
+
+    @property
+    def rank_datasets(self) -> list[DatasetSpec]:
+        """The datasets with each rank's mini-batch size (the global one divided by the workers
+        when ``batch_is_global``)."""
+        if not self.batch_is_global:
+            return list(self.datasets)
+        return [replace(d, batch_size=d.batch_size // self.workers) for d in self.datasets]
+
+    def describe_batches(self) -> str:
+        """One line: the global mini-batch of every dataset and how it is split over the ranks."""
+        return "global batch per step: " + ", ".join(
+            f"{d.name} {d.batch_size * self.workers} ({self.workers} worker(s) x {d.batch_size})"
+            for d in self.rank_datasets)
 
     @property
     def resolved_cpus_per_worker(self) -> float:
@@ -100,3 +128,30 @@ class TrainConfig:
     @property
     def run_dir(self) -> str:
         return f"{self.out_dir}/{self.name}"
+
+
+#: What a resumed run may change (anything else is refused, naming the key): where and how
+#: often it writes, how its work is placed on the machines, and its length, which may grow
+#: (``epochs``: the cosine schedule and the progressive weights then stretch to the new length
+#: from the resumed step). Each changes no number the run has computed so far.
+RESUME_SAFE_KEYS = ("eval_every_epochs", "checkpoint_every", "keep_checkpoints", "max_failures", "loader_workers",
+                    "cpus_per_worker", "placement", "out_dir", "name")
+
+
+def resolved_config(cfg: TrainConfig) -> dict:
+    """``cfg`` as plain data with its run folder and shard sets as absolute paths (what a run
+    folder records, what Ray workers receive: they start in folders of their own)."""
+    out = json.loads(json.dumps(to_dict(cfg)))  # tuples as lists: as the YAML file reads back
+    out["out_dir"] = str(Path(cfg.out_dir).resolve())
+    for d in out["datasets"]:
+        d["shards"] = str(Path(d["shards"]).resolve())
+    return out
+
+
+def resume_changes(old: dict, new: dict) -> list[str]:
+    """The changes from the recorded config ``old`` to ``new`` that a resumed run refuses
+    (``dotted.key: old -> new``); empty when it may go on."""
+    changes = [c for c in describe_changes(old, new) if c.split(":", 1)[0] not in RESUME_SAFE_KEYS]
+    if old.get("epochs") is not None and new["epochs"] >= old["epochs"]:
+        changes = [c for c in changes if not c.startswith("epochs:")]
+    return changes

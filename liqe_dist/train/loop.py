@@ -31,11 +31,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from liqe_dist.train.state import (latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_run_weights,
-                                   save_training_checkpoint)
+from liqe_dist.train.state import (check_resume, latest_checkpoint, load_training_checkpoint, prune_checkpoints,
+                                   record_run, save_run_weights, save_training_checkpoint)
 from liqe_dist.dist.collectives import all_reduce_sum, is_distributed, max_spread, rank, world_size
 from liqe_dist.dist.batchnorm import use_global_batchnorm
-from liqe_dist.hardware import move_batch
+from liqe_dist.hardware import move_batch, precision_name
 from liqe_dist.dist.engine import build_engine
 from liqe_dist.eval.shard_eval import DatasetEval, evaluate_shards
 from liqe_dist.files import atomic_path
@@ -163,22 +163,27 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
     weighting = build_weighting(cfg.weighting, tasks, cfg.steps_per_epoch, cfg.epochs)
     ckpt_dir = run_dir / "checkpoints"
     step, best = 0, {"val/mean_srcc": -math.inf}
+    check_resume(cfg)
     latest = latest_checkpoint(ckpt_dir, world)
+    if r == 0:
+        record_run(cfg, precision=precision_name(engine.module.dtype), device=str(device), world=world,
+                   resumed_from=str(latest) if latest is not None else None)
+        log.info("%s", cfg.describe_batches())
     if latest is not None:
         state = load_training_checkpoint(latest, engine, scheduler, weighting, r, world)
         step = int(state["step"])
         best = {k: float(v) for k, v in state["extra"].get("best", best).items()}
         if r == 0:
             log.info("resumed from %s at step %d", latest, step)
-    runlog = RunLog(run_dir, enabled=(r == 0), total_steps=cfg.total_steps)
+    runlog = RunLog(run_dir, enabled=(r == 0), total_steps=cfg.total_steps, start_step=step)
     redone = runlog.rewind(step)
     runlog.event({"event": "start" if step == 0 else "resume", "step": step, "world": world, "redone_steps": redone})
     # A resumed run draws new samples (its seed includes the step) rather than replaying old ones.
-    data = TrainBatches(list(cfg.datasets), cfg.split, cfg.crops,
+    data = TrainBatches(cfg.rank_datasets, cfg.split, cfg.crops,
                         seed=cfg.seed * 1_000_003 + step, rank=r, world=world, shuffle_buffer=cfg.shuffle_buffer)
     batches = iter(DataLoader(data, batch_size=None, num_workers=cfg.resolved_loader_workers,
                               pin_memory=cfg.use_gpu))
-    rank_sizes = [sum(d.batch_size for d in cfg.datasets)] * world  # every rank's images per step
+    rank_sizes = [sum(d.batch_size for d in cfg.rank_datasets)] * world  # every rank's images per step
     metrics: dict = {}
 
     def evaluate(step: int) -> None:

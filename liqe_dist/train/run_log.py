@@ -19,7 +19,10 @@ log = logging.getLogger("liqe_dist.train")
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, enabled: bool = True, every: int = 10, total_steps: int | None = None):
+    def __init__(self, run_dir: Path, enabled: bool = True, every: int = 10, total_steps: int | None = None,
+                 start_step: int = 0):
+        """``start_step``: the step a resumed run goes on from; TensorBoard drops the events
+        after it (steps a crashed run did past its last checkpoint), so no step shows twice."""
         self.dir = Path(run_dir)
         self.enabled = enabled
         self.every = every
@@ -30,7 +33,7 @@ class RunLog:
             self.dir.mkdir(parents=True, exist_ok=True)
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.dir / "tb"))
+            self._tb = SummaryWriter(str(self.dir / "tb"), purge_step=start_step + 1 if start_step else None)
 
     def _scalars(self, m: dict) -> None:
         for k, v in m.items():

@@ -20,6 +20,7 @@ whichever layout DeepSpeed's wrapper has (ZeRO 1/2 partitions, ``BF16_Optimizer`
 from __future__ import annotations
 
 import inspect
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -27,9 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from liqe_dist.config import ConfigError
 from liqe_dist.dist.engine import master_state_dict
 from liqe_dist.files import atomic_path
 from liqe_dist.models.weights import load_weights, save_weights
+from liqe_dist.outputs import mark, owned_by
+from liqe_dist.provenance import CONFIG_FILE, read_config, write_config, write_run_record
+from liqe_dist.train.config import RESUME_SAFE_KEYS, TrainConfig, resolved_config, resume_changes
+
+log = logging.getLogger(__name__)
 
 
 def _allow_deepspeed_types() -> None:
@@ -81,6 +88,34 @@ def save_training_checkpoint(folder: str | Path, engine, scheduler, weighting, s
     with atomic_path(ckpt / f"rank-{rank}.pt") as tmp:
         torch.save(state, tmp)
     return ckpt
+
+
+def check_resume(cfg: TrainConfig) -> None:
+    """ConfigError when ``cfg``'s run folder holds checkpoints of a run whose recorded config
+    (``config.yaml``) differs from ``cfg`` in anything but :data:`RESUME_SAFE_KEYS` (and a longer
+    ``epochs``): resuming would continue the old run under new values. Each change is named."""
+    run_dir = Path(cfg.run_dir)
+    if not any((run_dir / "checkpoints").glob("step-*")):
+        return
+    old = read_config(run_dir)
+    if old is None:
+        log.warning("%s: resuming a run that recorded no %s (made by an older version): it cannot be checked "
+                    "against this config", run_dir, CONFIG_FILE)
+        return
+    changes = resume_changes(old, resolved_config(cfg))
+    if changes:
+        raise ConfigError(f"{run_dir}: holds checkpoints of a run with another config, which would go on under new "
+                          f"values: {'; '.join(changes)}. Only epochs (longer) and {', '.join(RESUME_SAFE_KEYS)} may "
+                          f"change on a resume; train under another name or out_dir to start a new run")
+
+
+def record_run(cfg: TrainConfig, **used) -> None:
+    """Rank 0's record of the run in its folder: the resolved ``config.yaml`` and this start's
+    entry in ``run.json`` (``used``: the precision, device and world size it runs with)."""
+    write_config(cfg.run_dir, resolved_config(cfg))
+    write_run_record(cfg.run_dir, **used)
+    if not owned_by(cfg.run_dir, "train"):  # a later `liqe-dist train` knows the folder as a run's
+        mark(cfg.run_dir, "train")
 
 
 def latest_checkpoint(folder: str | Path, world: int) -> Path | None:

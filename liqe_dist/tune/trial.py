@@ -35,10 +35,12 @@ def run_trial(params: dict[str, Any], search: dict) -> None:
     from ray import tune
 
     from liqe_dist.run.ray_train import make_trainer
+    from liqe_dist.train.state import check_resume
 
     search_cfg = from_dict(SearchConfig, search)
     cfg = dataclasses.replace(search_cfg.trial_config(params), out_dir=str(search_cfg.experiment_dir),
                               name=tune.get_context().get_trial_name())
+    check_resume(cfg)  # a restored trial's checkpoints must be of this trial's config
     make_trainer(cfg, callbacks=[_all_ranks_report()]).fit()
 
 
