@@ -67,3 +67,24 @@ def browser(driver: bool = False) -> tuple[str | None, str]:
     if proc.returncode != 0:
         return None, proc.stderr.strip()
     return proc.stdout.strip().splitlines()[-1], ""
+
+
+def copy_scores(scores: Path, dest: Path, edit=None, manifest=None) -> Path:
+    """A copy of the scores folder ``scores`` at ``dest``: each part file through ``edit(name,
+    table) -> table`` (None: as it is), the manifest through ``manifest(dict) -> object`` and
+    written as JSON (None: as it is)."""
+    dest.mkdir(parents=True)
+    for part in sorted(scores.glob("*.parquet")):
+        table = pq.read_table(part)
+        pq.write_table(edit(part.name, table) if edit else table, dest / part.name)
+    text = (scores / "manifest.json").read_text()
+    (dest / "manifest.json").write_text(json.dumps(manifest(json.loads(text))) if manifest else text)
+    return dest
+
+
+def with_column(table: pa.Table, name: str, values) -> pa.Table:
+    """``table`` with the column ``name`` set to ``values`` (replaced or appended)."""
+    array = pa.array(values)
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, array)
+    return table.append_column(name, array)

@@ -5,6 +5,7 @@ repeated pairs, the pairwise-label export (read back), heat maps; a wrong pairs 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -43,8 +44,15 @@ MODELS = {"a": (0.25, (0.1875 + 0.5) / 2), "b": ((0.8125 + 0.75) / 2, 0.75), "c"
 def study(tmp_path):
     """pairs.csv of PAIRS and a study database in which p1..p4 answered every trial: first showings
     as FIRST says; repeats: p2 flipped (best <-> worst, same -> best), the others the same again."""
+    return make_study(tmp_path)
+
+
+def make_study(tmp_path, names: dict[str, str] | None = None, key_prefix: str = ""):
+    """The study of the fixture ``study``, its models renamed by ``names`` and its keys prefixed."""
+    names = names or {}
     rows = ["pair,defender,attacker,level,best_key,worst_key,best_source,worst_source"]
-    rows += [f"{k},{d},{a},{lvl},k{k}b,k{k}w,img/{k}b.png,img/{k}w.png" for k, (d, a, lvl) in PAIRS.items()]
+    rows += [f"{k},{names.get(d, d)},{names.get(a, a)},{lvl},{key_prefix}k{k}b,{key_prefix}k{k}w,"
+             f"img/{k}b.png,img/{k}w.png" for k, (d, a, lvl) in PAIRS.items()]
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
     pairs = read_pairs(tmp_path / "pairs.csv", need_images=False)
     db = StudyDB(tmp_path / "study.sqlite", pairs, StudySettings(repeat_fraction=0.4, repeat_gap=1, seed=5))
@@ -88,6 +96,8 @@ def test_analysis_gives_the_hand_computed_matrices(study):
     out = root / "out"
     proc = run_analyse(str(root / "pairs.csv"), "--db", str(root / "study.sqlite"), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
+    run = json.loads((out / "run.json").read_text())["runs"][-1]
+    assert run["participants"] == 4 and "same_weight: 0.5" in (out / "config.yaml").read_text()
 
     judged = {int(r["pair"]): r for r in csv.DictReader(open(out / "pairs_judged.csv"))}
     for k, answers in FIRST.items():
@@ -159,3 +169,44 @@ def test_pairwise_label_files_are_checked(tmp_path):
     bad.write_text("key_a,key_b,p\nx,y,0.5\n")
     with pytest.raises(ValueError, match="not a pairwise label file"):
         read_pairwise_labels(bad)
+
+
+def test_out_must_be_a_folder_the_command_owns_apart_from_its_inputs(study, tmp_path, caplog):
+    from liqe_dist.cli import main
+
+    root, _ = study
+    inputs = ["gmad", "analyse", str(root / "pairs.csv"), "--db", str(root / "study.sqlite")]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "models.csv").write_text("my own\n")
+    assert main([*inputs, "--out", str(mine)]) == 2
+    assert "holds files not written" in caplog.text and (mine / "models.csv").read_text() == "my own\n"
+    assert [p.name for p in mine.iterdir()] == ["models.csv"]
+    caplog.clear()
+    assert main([*inputs, "--out", str(root)]) == 2            # the folder of the pairs file and the database
+    assert "holds the input" in caplog.text and not (root / "models.csv").exists()
+    assert main(inputs) == 0 and main(inputs) == 0              # its own default folder, again
+    assert (root / "study_analysis" / "models.csv").exists()
+
+
+def test_odd_model_names_and_formula_like_keys(tmp_path):
+    """Models named ``attacker\\defender``, ``$\\foo$`` (mathtext) and ``=cmd``, keys starting with
+    ``-``: the heat maps draw, the matrices keep their rows and columns apart (empty corner), text
+    cells are escaped and the pairwise labels read back as they were."""
+    names = {"a": "attacker\\defender", "b": "$\\foo$", "c": "=cmd"}
+    make_study(tmp_path, names, key_prefix="-")
+    out = tmp_path / "out"
+    proc = run_analyse(str(tmp_path / "pairs.csv"), "--db", str(tmp_path / "study.sqlite"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    written = ["attacker\\defender", "$\\foo$", "'=cmd"]
+    for name, expected in (("aggressiveness", AGGRESSIVENESS), ("resistance", RESISTANCE)):
+        header, *rows = list(csv.reader(open(out / f"{name}.csv", newline="")))
+        assert header == ["", *written] and [r[0] for r in rows] == written
+        np.testing.assert_allclose([[number(c) for c in r[1:]] for r in rows], expected, equal_nan=True)
+        assert Image.open(out / f"{name}.png").size[0] > 200
+    judged = {int(r["pair"]): r for r in csv.DictReader(open(out / "pairs_judged.csv", newline=""))}
+    assert (judged[4]["defender"], judged[4]["best_key"]) == ("'=cmd", "'-k4b")
+    assert [r["model"] for r in csv.DictReader(open(out / "models.csv", newline=""))] == written
+    labels = read_pairwise_labels(out / "pairwise_labels.csv")
+    assert [(lab.key_a, lab.key_b) for lab in labels] == [(f"-k{k}b", f"-k{k}w") for k in PAIRS]
+    assert labels[4].extra["defender"] == "=cmd" and labels[0].p_a_better == pytest.approx(P[0])

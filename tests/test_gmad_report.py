@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from gmad_fixtures import browser, make_scored
@@ -62,6 +63,9 @@ def test_pairs_csv_matches_the_search_and_images_are_the_originals(scored, tmp_p
     # a sheet for every (defender, attacker) that has pairs (late pairs find their images used up)
     assert sheets == sorted(f"{s['defender']}_vs_{s['attacker']}.png" for s in summary if int(s["pairs"]))
     assert len(sheets) >= 4
+    recorded = yaml.safe_load((tmp_path / "g" / "config.yaml").read_text())  # provenance of the folder
+    assert recorded["models"] == ["a", "b", "c"] and recorded["rule"]["levels"] == 4
+    assert json.loads((tmp_path / "g" / "run.json").read_text())["runs"][-1]["pairs"] == len(rows)
 
 
 @pytest.mark.slow
@@ -95,3 +99,104 @@ def test_missing_model_and_constant_defender_are_clear_errors(scored, tmp_path):
     assert proc.returncode == 2 and "defender's scores are constant" in proc.stderr
     proc = run_gmad(str(tmp_path), "--models", "a", "b")
     assert proc.returncode == 2 and "not a score-shards output folder" in proc.stderr
+
+
+def tree(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_out_must_be_a_folder_the_command_owns_apart_from_its_inputs(scored, tmp_path, caplog):
+    from liqe_dist.cli import main
+
+    root, _ = scored
+    search_args = [str(root / "scores"), "--models", "a", "b", "--levels", "3"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "pairs.csv").write_text("my own table\n")
+    before = tree(mine)
+    assert main(["gmad", "search", *search_args, "--out", str(mine)]) == 2
+    assert "holds files not written" in caplog.text and tree(mine) == before
+    for out, message in ((root / "scores" / "g", "lies inside the input"),
+                         (root / "shards" / "photos" / "g", "lies inside the input"),
+                         (root / "shards", "holds the input")):
+        caplog.clear()
+        assert main(["gmad", "search", *search_args, "--out", str(out)]) == 2, out
+        assert message in caplog.text and not (out / "pairs.csv").exists()
+    assert not (root / "scores" / "g").exists() and not (root / "shards" / "photos" / "g").exists()
+
+
+def test_a_rerun_replaces_its_own_outputs_only(scored, tmp_path):
+    """The second search (fewer models and levels) into the same folder: images/ and sheets/ hold
+    exactly the new pairs' files; the user's file beside them stays."""
+    root, _ = scored
+    out = tmp_path / "g"
+    assert run_gmad(str(root / "scores"), "--models", "a", "b", "c", "--levels", "4", "--out", str(out)).returncode == 0
+    first = len(list((out / "images").iterdir()))
+    (out / "notes.txt").write_text("mine")
+    proc = run_gmad(str(root / "scores"), "--models", "b", "a", "--levels", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(out / "pairs.csv")))
+    assert 0 < 2 * len(rows) < first
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(
+        f"{int(r['pair']):05d}_{side}.png" for r in rows for side in ("best", "worst"))
+    assert {p.name for p in (out / "sheets").iterdir()} <= {"a_vs_b.png", "b_vs_a.png"}
+    assert (out / "notes.txt").read_text() == "mine"
+    # a link where images/ was is not followed: refused, the folder it points to untouched
+    (out / "images").rename(out / "elsewhere")
+    (out / "images").symlink_to(out / "elsewhere")
+    proc = run_gmad(str(root / "scores"), "--models", "b", "a", "--levels", "2", "--out", str(out))
+    assert proc.returncode == 2 and "not a folder this project wrote" in proc.stderr
+    assert len(list((out / "elsewhere").iterdir())) == 2 * len(rows)
+
+
+def test_model_names_must_be_plain_names(scored, tmp_path):
+    """A scores column named ``../../x`` would put its sheet outside --out: refused, nothing written."""
+    from gmad_fixtures import copy_scores, with_column
+
+    root, _ = scored
+    scores = copy_scores(root / "scores", tmp_path / "work" / "scores",
+                         lambda name, t: with_column(t, "../../x", t["b"].to_pylist()))
+    out = tmp_path / "work" / "out" / "g"
+    proc = run_gmad(str(scores), "--models", "../../x", "a", "--levels", "3", "--out", str(out))
+    assert proc.returncode == 2 and "model name '../../x' must be one plain name" in proc.stderr
+    assert not list(tmp_path.rglob("x_vs_a.png")) and not out.exists()
+
+
+def test_csv_text_cells_are_escaped_and_numbers_are_not(scored, tmp_path):
+    """Sources that start like spreadsheet formulas are written with a leading ' (read_cell undoes
+    it); negative scores stay numbers."""
+    from gmad_fixtures import copy_scores, with_column
+    from liqe_dist.tables import read_cell
+
+    root, _ = scored
+    starts = ["=HYPERLINK(\"http://x\")", "+", "-", "@", "\t", "'"]
+
+    def hostile(name, table):
+        return with_column(table, "source", [starts[i % len(starts)] + s
+                                             for i, s in enumerate(table["source"].to_pylist())])
+
+    scores = copy_scores(root / "scores", tmp_path / "scores", hostile)
+    proc = run_gmad(str(scores), "--models", "a", "c", "--levels", "4", "--out", str(tmp_path / "g"))
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "g" / "pairs.csv", newline="")))
+    sources = [r[f"{side}_source"] for r in rows for side in ("best", "worst")]
+    assert sources and all(s.startswith("'") for s in sources)
+    assert all(read_cell(s)[0] in "=+-@\t'" and read_cell(s).endswith(".png") for s in sources)
+    negative = [r["best_c"] for r in rows if float(r["best_c"]) < 0]
+    assert negative and all(v.startswith("-") for v in negative)   # a number, not text
+    assert all(not r["level_centre"].startswith("'") for r in rows)
+
+
+def test_escaped_cells_of_pairs_csv_read_back_as_written(scored, tmp_path):
+    """pairs.csv escapes text that a spreadsheet would run (a key starting with '-'); the study
+    reads the cells back as they were."""
+    from liqe_dist.gmad.pairs import read_pairs
+    from liqe_dist.tables import write_csv
+
+    row = {"pair": 0, "defender": "-d", "attacker": "=a", "level": 1, "best_key": "@k", "worst_key": "'w",
+           "best_source": "+s.png", "worst_source": "plain.png"}
+    write_csv(tmp_path / "pairs.csv", [row])
+    assert (tmp_path / "pairs.csv").read_text().splitlines()[1].startswith("0,'-d,'=a,1,'@k,''w")
+    [pair] = read_pairs(tmp_path / "pairs.csv", need_images=False).pairs
+    assert (pair.defender, pair.attacker, pair.keys, pair.sources) == (
+        "-d", "=a", {"best": "@k", "worst": "'w"}, {"best": "+s.png", "worst": "plain.png"})

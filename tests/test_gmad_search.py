@@ -99,3 +99,16 @@ def test_bad_inputs_are_clear_errors():
         search({"a": d, "b": np.r_[d[:-1], np.nan]}, ["a", "b"])
     with pytest.raises(GMADError, match="width"):
         LevelRule(width=0.7)
+
+
+def test_images_without_a_content_hash_each_count_on_their_own():
+    """Null and empty hashes are "unknown", never one shared hash: no image is dropped for them;
+    equal real hashes still count once."""
+    from liqe_dist.gmad.search import first_of_each_hash
+
+    hashes = np.array([None, None, "", "", "h", "h", float("nan"), "g"], dtype=object)
+    assert first_of_each_hash(hashes).tolist() == [True, True, True, True, True, False, True, True]
+    d, a = np.arange(8.0), np.array([3, 1, 4, 1, 5, 9, 2, 6], dtype=float)
+    rule = LevelRule(levels=2, trim=0.0, width=0.5)
+    unknown = np.array([None] * 8, dtype=object)
+    assert search({"d": d, "a": a}, ["d", "a"], rule, unknown).pairs == search({"d": d, "a": a}, ["d", "a"], rule).pairs

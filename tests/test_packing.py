@@ -182,3 +182,39 @@ def test_verify_warns_when_a_catalog_dataset_is_incomplete(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert main(["shards", "verify", str(live), "--no-progress"]) == 0
     assert "has 779" in caplog.text
+
+
+def test_verify_names_duplicate_keys(tmp_path):
+    """A shard set whose shards hold a key twice (in one shard, and across two), with a manifest
+    that otherwise matches: `shards verify` names each shard and key, and exits 1."""
+    import hashlib
+    import io
+
+    shard_dir = pack_csv(write_csv_dataset(tmp_path / "raw", n_refs=2, per_ref=3), tmp_path / "shards",
+                         shard_max_count=3)
+    first, second = shard_dir / "toy-000000.tar", shard_dir / "toy-000001.tar"
+    with tarfile.open(first) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    key = members[0][0].name.split(".")[0]
+    sample = [(m, data) for m, data in members if m.name.split(".")[0] == key]
+
+    def append(path, extra):
+        with tarfile.open(path) as t:
+            kept = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+        with tarfile.open(path, "w") as t:
+            for m, data in kept + extra:
+                t.addfile(m, io.BytesIO(data))
+
+    append(first, sample)    # the first sample again at the end of its own shard
+    append(second, sample)   # and once more in the next shard
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        data = (shard_dir / entry["name"]).read_bytes()
+        entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), samples=entry["samples"] + 1)
+    manifest["samples"] += 2
+    (shard_dir / "manifest.json").write_text(json.dumps(manifest))
+    problems = verify_shards(shard_dir, progress=False).problems
+    assert problems == [f"{first}:{key}: duplicate key {key!r}: a second sample with it in the same shard",
+                        f"{second}:{key}: duplicate key {key!r}: a second sample with it (the first is in "
+                        f"toy-000000.tar)"]
+    assert main(["shards", "verify", str(shard_dir), "--no-progress"]) == 1

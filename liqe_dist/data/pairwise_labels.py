@@ -5,6 +5,12 @@ target, so these rows can join training as pairs of corpus images (by key, in th
 File: CSV with a header, one row per judged pair:
 ``key_a, source_a, key_b, source_b, p_a_better, judgments`` and any further columns (kept in
 ``extra``). ``p_a_better`` in [0, 1]; ``judgments`` >= 1 (how many answers the probability rests on).
+
+Rules:
+- Text cells (keys, sources, the extra columns) are written escaped against formula injection
+  (:func:`liqe_dist.tables.safe_cell`) and read back with :func:`liqe_dist.tables.read_cell`,
+  so a key such as ``=1+1`` or ``-x`` round-trips exactly; the numbers are never escaped
+  (``p_a_better`` is written with 6 decimals and is never negative).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from liqe_dist.tables import csv_writer, read_cell
 
 COLUMNS = ("key_a", "source_a", "key_b", "source_b", "p_a_better", "judgments")
 
@@ -31,7 +39,7 @@ class PairwiseLabel:
 def write_pairwise_labels(path: str | Path, labels: list[PairwiseLabel]) -> None:
     extra = list(dict.fromkeys(k for lab in labels for k in lab.extra))
     with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
+        w = csv_writer(f)
         w.writerow([*COLUMNS, *extra])
         for lab in labels:
             w.writerow([lab.key_a, lab.source_a, lab.key_b, lab.source_b, f"{lab.p_a_better:.6f}", lab.judgments,
@@ -54,8 +62,9 @@ def read_pairwise_labels(path: str | Path) -> list[PairwiseLabel]:
                 raise ValueError(f"{path}, line {line}: p_a_better must be a number and judgments an integer") from None
             if not (math.isfinite(p) and 0.0 <= p <= 1.0) or n < 1:
                 raise ValueError(f"{path}, line {line}: p_a_better must be in [0, 1] and judgments >= 1, got {p}, {n}")
-            if not row["key_a"] or not row["key_b"] or row["key_a"] == row["key_b"]:
+            text = {k: read_cell(v) if isinstance(v, str) else "" for k, v in row.items() if k is not None}
+            if not text["key_a"] or not text["key_b"] or text["key_a"] == text["key_b"]:
                 raise ValueError(f"{path}, line {line}: key_a and key_b must be two image keys")
-            labels.append(PairwiseLabel(row["key_a"], row["source_a"], row["key_b"], row["source_b"], p, n,
-                                        {k: v for k, v in row.items() if k not in COLUMNS and k is not None}))
+            labels.append(PairwiseLabel(text["key_a"], text["source_a"], text["key_b"], text["source_b"], p, n,
+                                        {read_cell(k): v for k, v in text.items() if k not in COLUMNS}))
     return labels

@@ -1,4 +1,11 @@
-"""Checking a packed shard set against its manifest, and summarising shard sets."""
+"""Checking a packed shard set against its manifest, and summarising shard sets.
+
+Rules (each problem names the shard, and the key where there is one):
+- every shard's size, sha256 and sample count match the manifest, and the set's total;
+- every sample has JSON labels naming its own key and exactly one image (decoded with ``decode``);
+- a key appears once in the whole set: a second sample with a key, in its own shard or in
+  another, is a problem (scores, evaluations and gMAD find images by key).
+"""
 
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ def verify_shards(shard_dir: str | Path, decode: bool = True, progress: bool = T
     except (FileNotFoundError, ValueError) as exc:
         report.problems.append(str(exc))
         return report
+    seen: dict[str, str] = {}  # key -> the shard it was first found in
     for entry in tqdm(manifest["shards"], desc=f"verifying {manifest['dataset']}", unit="shard", disable=not progress):
         path = shard_dir / entry["name"]
         if not path.exists():
@@ -51,6 +59,12 @@ def verify_shards(shard_dir: str | Path, decode: bool = True, progress: bool = T
         for raw in iter_shard(path):
             count += 1
             where = f"{path}:{raw.key}"
+            if raw.key in seen:
+                other = seen[raw.key]
+                again = "in the same shard" if other == entry["name"] else f"(the first is in {other})"
+                report.problems.append(f"{where}: duplicate key {raw.key!r}: a second sample with it {again}")
+            else:
+                seen[raw.key] = entry["name"]
             try:
                 labels = json.loads(raw.fields["json"])
             except (KeyError, ValueError):

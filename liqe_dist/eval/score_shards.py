@@ -3,10 +3,10 @@
 Work unit = one shard. Each image is decoded once, cropped once per distinct crop rule and
 scored by every model (crops stay uint8 until the device normalises them). A shard's results go
 to ``OUT/<shard>.parquet`` through a temporary file and a rename, so a file that exists is
-complete; a shard whose file exists is skipped. A killed job rerun therefore scores only what
-is missing, and every image appears exactly once in the union of the files (at-least-once work,
-exactly-once results). An image that cannot be decoded gets a row with its ``error`` and NaN
-scores, so the union still holds every key.
+complete; a shard whose file the manifest records (rules below) is skipped. A killed job rerun
+therefore scores only what is missing, and every image appears exactly once in the union of the
+files (at-least-once work, exactly-once results). An image that cannot be decoded gets a row
+with its ``error`` and NaN scores, so the union still holds every key.
 
 Columns: ``key, shard, source, width, height`` (the stored image's size, px), ``content_hash``
 (for corpus shards; "" otherwise), ``error`` ("" when scored), then per model ``NAME`` (quality,
@@ -14,6 +14,23 @@ Columns: ``key, shard, source, width, height`` (the stored image's size, px), ``
 
 ``OUT/manifest.json`` names the models (checkpoint path and sha256, family, precision), the
 shard sets and the counts; scoring into a folder written by other models is refused.
+
+Rules:
+- ``OUT`` is a folder this command owns (:func:`liqe_dist.outputs.claim_dir`): new, empty, marked
+  by an earlier run, or holding a scores manifest (folders written before marking); never one
+  that is, holds or lies inside a shard input.
+- Model names are plain names (:func:`liqe_dist.outputs.plain_name`), a letter then letters,
+  digits, ``_`` or ``-``; a model owns its name and every column ``NAME_...``, so no other model
+  name and no base column may equal it or start with ``NAME_`` (``liqe`` and ``liqe_scene``
+  collide).
+- A part file ``OUT/<shard>.parquet`` counts as scored only when the manifest lists it (``parts``:
+  name, rows, sha256, the model set's hash, duplicate keys) and the file still matches the
+  record; any other is logged with the reason and scored again. The record is written (an
+  atomic rewrite of the manifest) after the part's rename, so a kill in between costs one
+  rescore, never a second copy of a key.
+- Keys that appear more than once in one shard are counted per part (manifest, summary, log).
+- ``check_job`` (``score-shards --check``) validates all of this from the weight files' headers
+  and the shard manifests, without writing anything.
 
 Workers: Ray actors (one per GPU, or one per ``cpus_per_worker`` CPUs) take shards from the
 driver's queue; a worker that dies loses only its shard in flight, which goes back to the queue
@@ -40,38 +57,116 @@ from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
 from liqe_dist.files import atomic_path
+from liqe_dist.outputs import OutputError, check_claim, claim_dir, plain_name
+from liqe_dist.provenance import write_config, write_run_record
 
 log = logging.getLogger("liqe_dist.score_shards")
 
+KIND = "score-shards"  # the owner mark of its output folders
 MANIFEST = "manifest.json"
 FORMAT = "liqe-dist/scores-1"
 BASE_COLUMNS = ("key", "shard", "source", "width", "height", "content_hash", "error")
 MAX_ATTEMPTS = 3
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip format
+PICKLE_PROTO = 0x80          # torch.save's legacy format starts with a pickle protocol opcode
 
 
 class ScoreShardsError(ValueError):
     """The job cannot run as asked (bad model argument, foreign output folder, no shards)."""
 
 
+def check_name(name: str) -> str:
+    """``name`` when it can be a model's column name (see the module docstring); else ScoreShardsError."""
+    try:
+        plain_name(name, "the model name")
+    except OutputError as exc:
+        raise ScoreShardsError(str(exc)) from None
+    if not _NAME.match(name) or name in BASE_COLUMNS:
+        raise ScoreShardsError(f"the model name {name!r} must be a letter then letters, digits, _ or - "
+                               f"(and not one of {', '.join(BASE_COLUMNS)})")
+    return name
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """One ``--model NAME=CHECKPOINT``."""
+    """One ``--model NAME=CHECKPOINT``; the name is checked when the spec is made."""
 
     name: str
     checkpoint: str
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
 
     @staticmethod
     def parse(arg: str) -> "ModelSpec":
         name, sep, path = arg.partition("=")
         if not sep or not path:
             raise ScoreShardsError(f"--model {arg!r}: expected NAME=CHECKPOINT")
-        if not _NAME.match(name) or name in BASE_COLUMNS:
-            raise ScoreShardsError(f"--model {arg!r}: the name must be a letter then letters, digits, _ or - "
-                                   f"(and not one of {', '.join(BASE_COLUMNS)})")
+        try:
+            spec = ModelSpec(name, path)
+        except ScoreShardsError as exc:
+            raise ScoreShardsError(f"--model {arg!r}: {exc}") from None
         if not Path(path).is_file():
             raise ScoreShardsError(f"--model {arg!r}: {path}: no such file")
-        return ModelSpec(name, path)
+        return spec
+
+
+def check_models(models: list[ModelSpec]) -> None:
+    """ScoreShardsError unless the models' names and the columns they own are all distinct: model
+    M owns ``M`` and every ``M_...`` (its heads' columns, whatever its family's heads are)."""
+    if not models:
+        raise ScoreShardsError("give at least one --model NAME=CHECKPOINT")
+    names = [check_name(m.name) for m in models]
+    if len(set(names)) != len(names):
+        raise ScoreShardsError(f"model names must differ, got {names}")
+    for owner in names:
+        prefix = owner + "_"
+        for base in BASE_COLUMNS:
+            if base.startswith(prefix):
+                raise ScoreShardsError(f"model {owner!r}: its columns ({owner}_<head>...) would include the "
+                                       f"column {base!r}; choose another name")
+        for other in names:
+            if other.startswith(prefix):
+                raise ScoreShardsError(
+                    f"models {other!r} and {owner!r} collide: {owner!r} writes the columns {owner} and "
+                    f"{owner}_<head>[_prob], so {other!r} could overwrite one; rename one of them "
+                    f"(e.g. {other.replace('_', '-')!r})")
+
+
+def _check_torch_file(path: Path) -> None:
+    """CheckpointError unless ``path`` opens like a torch.save file (zip with a data.pkl, or
+    a legacy pickle), read from its first bytes and zip directory only."""
+    import zipfile
+
+    from liqe_dist.models.weights import CheckpointError
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == ZIP_MAGIC:
+        try:
+            with zipfile.ZipFile(path) as z:
+                if any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist()):
+                    return
+        except zipfile.BadZipFile:
+            pass
+        raise CheckpointError(f"{path}: a zip file without torch's data.pkl: not a weights file")
+    if not head or head[0] != PICKLE_PROTO:
+        raise CheckpointError(f"{path}: neither a safetensors nor a torch weights file")
+
+
+def weights_family(path: str | Path) -> str:
+    """The known family of the weight file ``path``, from its header alone (no tensors read);
+    CheckpointError or ValueError naming the file otherwise."""
+    from liqe_dist.models.registry import get_family
+    from liqe_dist.models.weights import file_family, read_metadata
+
+    meta = read_metadata(path)  # safetensors: the header; raises for a missing or unreadable file
+    if Path(path).suffix != ".safetensors":
+        _check_torch_file(Path(path))
+    family = file_family(meta, path)
+    get_family(family, f"{path}: family")
+    return family
 
 
 @dataclass(frozen=True)
@@ -190,6 +285,7 @@ class ShardScorer:
                     scorer.predict(torch.zeros(scorer.batch_images, crops.eval_crops, 3, crops.size, crops.size,
                                                dtype=torch.uint8))
             self.scorers.append(scorer)
+            log.info("scoring %s: %s", spec.name, scorer.describe())
         self.families = {n: s.model.family for n, s in zip(self.names, self.scorers)}
         self.batch_images = self.scorers[0].batch_images  # None: default_batch_images of the device
         self.decode_workers = decode_workers
@@ -199,10 +295,16 @@ class ShardScorer:
         """Column name -> the value of a row the models did not score."""
         cols: dict[str, object] = {"key": "", "shard": "", "source": "", "width": 0, "height": 0,
                                    "content_hash": "", "error": ""}
+        owner = dict.fromkeys(cols, "a base column")
         for name, scorer in zip(self.names, self.scorers):
-            cols[name] = math.nan
+            own: dict[str, object] = {name: math.nan}
             for head in scorer.model.heads:
-                cols[f"{name}_{head}"], cols[f"{name}_{head}_prob"] = "", math.nan
+                own[f"{name}_{head}"], own[f"{name}_{head}_prob"] = "", math.nan
+            for col in own:  # check_models rules this out; kept for a family with unusual head names
+                if col in owner:
+                    raise ScoreShardsError(f"model {name!r} and {owner[col]} both write the column {col!r}")
+                owner[col] = f"model {name!r}"
+            cols.update(own)
         return cols
 
     def score_shard(self, path: str | Path):
@@ -251,16 +353,30 @@ class ShardScorer:
         return pa.table({c: pa.array([v[r] for r in rows], type=types[c]) for c, v in table.items()})
 
     def score_to_file(self, job: ShardJob) -> dict:
-        """Score one shard into its parquet file (temp file + rename); returns counts and timing."""
+        """Score one shard into its parquet file (temp file + rename); returns counts (rows, errors,
+        duplicate keys with the first few), the file's sha256 and timing."""
         import pyarrow.parquet as pq
 
         started = time.perf_counter()
         table = self.score_shard(job.path)
         with atomic_path(job.out) as tmp:
             pq.write_table(table, tmp)
+            digest = file_sha256(tmp)
         errors = sum(1 for e in table.column("error").to_pylist() if e)
-        return {"shard": job.path, "images": table.num_rows, "errors": errors,
+        repeated = duplicate_keys(table.column("key").to_pylist())
+        return {"shard": job.path, "images": table.num_rows, "errors": errors, "sha256": digest,
+                "duplicate_keys": len(repeated), "duplicates": repeated[:MAX_REPORTED],
                 "seconds": time.perf_counter() - started, "precision": self.precision, "device": str(self.device)}
+
+
+MAX_REPORTED = 5  # duplicate keys named per shard in the summary and the log
+
+
+def duplicate_keys(keys: list[str]) -> list[tuple[str, int]]:
+    """(key, count) of every key that appears more than once, in order of first appearance."""
+    from collections import Counter
+
+    return [(k, n) for k, n in Counter(keys).items() if n > 1]
 
 
 @dataclass
@@ -272,38 +388,149 @@ class ScoreSummary:
     busy_seconds: float = 0.0  # summed over workers: time spent scoring shards (start-up excluded)
     failed: list[str] = field(default_factory=list)   # shards left out after MAX_ATTEMPTS
     short: list[str] = field(default_factory=list)    # shards with fewer rows than their manifest says
+    rescored: list[str] = field(default_factory=list)  # part files found but not trusted, and why
+    duplicate_keys: int = 0  # keys that appear more than once within their shard (scored now)
+    duplicates: list[str] = field(default_factory=list)  # the first few per shard: "shard: key 'k' appears n times"
 
 
-def _check_manifest(out_dir: Path, models: list[ModelSpec], digests: dict[str, str], precision: str,
-                    eval_crops: int | None, sets: list[str], jobs: list[ShardJob]) -> dict:
-    """Write the scores' manifest, or check that an existing one names the same models."""
+def read_scores_manifest(path: Path) -> dict | None:
+    """The scores manifest at ``path`` (a dict of this format), or None when it is missing or
+    is something else."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+def is_scores_folder(path: Path) -> bool:
+    """Whether ``path`` holds a scores manifest: how folders written before owner marks are known."""
+    return read_scores_manifest(Path(path) / MANIFEST) is not None
+
+
+def _model_entries(models: list[ModelSpec], digests: dict[str, str]) -> dict[str, dict]:
+    """The manifest's ``models``: checkpoint, sha256 and family of each (from the header only:
+    the workers load the tensors)."""
     from liqe_dist.models.weights import file_family, read_metadata
 
+    return {m.name: {"checkpoint": str(Path(m.checkpoint).resolve()), "sha256": digests[m.name],
+                     "family": file_family(read_metadata(m.checkpoint), m.checkpoint)} for m in models}
+
+
+def models_hash(entries: dict[str, dict], precision: str, eval_crops: int | None) -> str:
+    """The model set's hash a part file is recorded with: each model's name and weights' sha256,
+    and the precision and crops asked for (which change the scores too)."""
+    key = {"models": {n: e["sha256"] for n, e in entries.items()}, "precision": precision, "eval_crops": eval_crops}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _refuse_other_setup(out_dir: Path, old: dict, models: dict[str, str | None], precision: str,
+                        eval_crops: int | None) -> None:
+    """ScoreShardsError when the manifest ``old`` was written for other models, precision or crops;
+    ``models``: name -> the weights' sha256, or None to compare the name only."""
+    recorded = old.get("models") if isinstance(old.get("models"), dict) else {}
+    before = {n: e.get("sha256") if isinstance(e, dict) else None for n, e in recorded.items()}
+    same = before.keys() == models.keys() and all(v is None or before[n] == v for n, v in models.items())
+    if not same or old.get("precision_requested") != precision or old.get("eval_crops") != eval_crops:
+        raise ScoreShardsError(f"{out_dir} holds scores of other models, precision or crops ({out_dir / MANIFEST}: "
+                               f"{sorted(before)}, {old.get('precision_requested')}, eval_crops "
+                               f"{old.get('eval_crops')}); score into another --out")
+
+
+def _check_manifest(out_dir: Path, entries: dict[str, dict], precision: str, eval_crops: int | None,
+                    sets: list[str], jobs: list[ShardJob]) -> dict:
+    """Write the scores' manifest, or check that an existing one names the same models."""
     path = out_dir / MANIFEST
-    entry = {}
-    for m in models:
-        meta = read_metadata(m.checkpoint)  # the header only: the workers load the tensors
-        entry[m.name] = {"checkpoint": str(Path(m.checkpoint).resolve()), "sha256": digests[m.name],
-                         "family": file_family(meta, m.checkpoint)}
     if path.exists():
-        old = json.loads(path.read_text())
-        before = {n: e["sha256"] for n, e in old.get("models", {}).items()}
-        now = {n: e["sha256"] for n, e in entry.items()}
-        if (old.get("format") != FORMAT or before != now or old.get("precision_requested") != precision
-                or old.get("eval_crops") != eval_crops):
-            raise ScoreShardsError(f"{out_dir} holds scores of other models, precision or crops ({path}: "
-                                   f"{sorted(before)}, {old.get('precision_requested')}, eval_crops "
-                                   f"{old.get('eval_crops')}); score into another --out")
+        old = read_scores_manifest(path)
+        if old is None:
+            raise ScoreShardsError(f"{path}: not a scores manifest (unreadable, or not a JSON object of format "
+                                   f"{FORMAT}); score into another --out")
+        _refuse_other_setup(out_dir, old, {n: e["sha256"] for n, e in entries.items()}, precision, eval_crops)
+        if not isinstance(old.get("parts"), dict):
+            old["parts"] = {}  # written before parts were recorded: every part file is scored again
         return old
-    manifest = {"format": FORMAT, "models": entry, "precision_requested": precision,
+    manifest = {"format": FORMAT, "models": entries, "precision_requested": precision,
                 "eval_crops": eval_crops,  # None: each family's own count (LIQE 15, PMT-IQA 4)
                 "shard_sets": sets,
                 "inputs": sorted({str(Path(j.path).resolve().parent) for j in jobs}
                                  | {str(Path(j.path).resolve()) for j in jobs if j.samples is None}),
-                "shards": len(jobs), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1))
+                "shards": len(jobs), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "parts": {}}
+    write_manifest(out_dir, manifest)
     return manifest
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    """Replace the manifest in one rename (a reader sees the old one or the new one)."""
+    with atomic_path(out_dir / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
+
+
+def distrust(job: ShardJob, record: object, setup: str) -> str:
+    """Why the part file of ``job`` cannot count as scored ("" when it can): it must be listed in
+    the manifest (``record``) with this model set, and its rows and sha256 must match."""
+    import pyarrow.parquet as pq
+
+    path = Path(job.out)
+    if not isinstance(record, dict):
+        return "the manifest does not list it"
+    if record.get("models") != setup:
+        return "the manifest lists it for another model set"
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except Exception as exc:  # pyarrow raises its own error types for a damaged file
+        return f"not a readable parquet file ({type(exc).__name__})"
+    if rows != record.get("rows"):
+        return f"{rows} rows, the manifest says {record.get('rows')}"
+    if file_sha256(path) != record.get("sha256"):
+        return "its content differs from what was written"
+    return ""
+
+
+def _trusted_parts(jobs: list[ShardJob], parts: dict, setup: str, summary: ScoreSummary) -> set[str]:
+    """The jobs whose part file counts as scored; a part file that does not is logged and its
+    record dropped (it is scored again)."""
+    done = set()
+    for job in jobs:
+        name = Path(job.out).name
+        if not Path(job.out).exists():
+            parts.pop(name, None)
+            continue
+        why = distrust(job, parts.get(name), setup)
+        if not why:
+            done.add(job.out)
+            continue
+        parts.pop(name, None)
+        summary.rescored.append(f"{job.out}: {why}")
+        log.warning("%s: found but not trusted (%s); scoring %s again", job.out, why, Path(job.path).name)
+    return done
+
+
+def _record_part(parts: dict, job: ShardJob, result: dict, setup: str) -> None:
+    parts[Path(job.out).name] = {"rows": result["images"], "sha256": result["sha256"], "models": setup,
+                                 "duplicate_keys": result["duplicate_keys"]}
+
+
+@dataclass(frozen=True)
+class JobCheck:
+    shards: int
+    sets: list[str]
+    families: dict[str, str]
+
+
+def check_job(inputs: list[str | Path], models: list[ModelSpec], out_dir: str | Path, precision: str = "auto",
+              eval_crops: int | None = None) -> JobCheck:
+    """What ``score-shards --check`` validates before a job starts Ray: the model names, each
+    weight file's header (readable, a known family), the shard inputs, and that ``out_dir`` would
+    be accepted (and, when it holds scores, of the same models, precision and crops). Writes nothing."""
+    check_models(models)
+    families = {m.name: weights_family(m.checkpoint) for m in models}
+    jobs, sets = find_shards(inputs, Path(out_dir))
+    check_claim(out_dir, KIND, inputs, "--out", legacy=is_scores_folder)
+    old = read_scores_manifest(Path(out_dir) / MANIFEST)
+    if old is not None:  # names only: comparing the sha256 would read every weight file
+        _refuse_other_setup(Path(out_dir), old, {m.name: None for m in models}, precision, eval_crops)
+    return JobCheck(len(jobs), sets, families)
 
 
 def score_shards(inputs: list[str | Path], models: list[ModelSpec], out_dir: str | Path, workers: int = 0,
@@ -313,18 +540,25 @@ def score_shards(inputs: list[str | Path], models: list[ModelSpec], out_dir: str
     """Score every shard of ``inputs`` that ``out_dir`` lacks (see the module docstring).
     ``decode_workers``: decoding processes per worker (None: on GPU workers ``cpus_per_worker``
     - 1, so the GPU does not wait for JPEG decoding; on the CPU none, the worker's CPUs compute)."""
-    if not models:
-        raise ScoreShardsError("give at least one --model NAME=CHECKPOINT")
-    names = [m.name for m in models]
-    if len(set(names)) != len(names):
-        raise ScoreShardsError(f"model names must differ, got {names}")
+    check_models(models)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     jobs, sets = find_shards(inputs, out_dir)
     digests = {m.name: file_sha256(m.checkpoint) for m in models}
-    manifest = _check_manifest(out_dir, models, digests, precision, eval_crops, sets, jobs)
-    todo = [j for j in jobs if not Path(j.out).exists()]
-    summary = ScoreSummary(skipped=len(jobs) - len(todo))
+    entries = _model_entries(models, digests)
+    claim_dir(out_dir, KIND, inputs, "--out", legacy=is_scores_folder)  # after every check: a refusal writes nothing
+    write_config(out_dir, {"inputs": [str(Path(i).resolve()) for i in inputs],
+                           "models": {m.name: str(Path(m.checkpoint).resolve()) for m in models},
+                           "precision": precision, "device": device, "batch_images": batch_images,
+                           "eval_crops": eval_crops, "workers": workers, "cpus_per_worker": cpus_per_worker,
+                           "decode_workers": decode_workers})
+    manifest = _check_manifest(out_dir, entries, precision, eval_crops, sets, jobs)
+    setup = models_hash(entries, precision, eval_crops)
+    parts = manifest["parts"]
+    summary = ScoreSummary()
+    trusted = _trusted_parts(jobs, parts, setup, summary)
+    write_manifest(out_dir, manifest)  # the distrusted records are gone before anything is rescored
+    todo = [j for j in jobs if j.out not in trusted]
+    summary.skipped = len(jobs) - len(todo)
     if summary.skipped:
         log.info("%d of %d shards already scored in %s; scoring the other %d", summary.skipped, len(jobs), out_dir,
                  len(todo))
@@ -340,6 +574,15 @@ def score_shards(inputs: list[str | Path], models: list[ModelSpec], out_dir: str
         if job.samples is not None and result["images"] != job.samples:
             summary.short.append(f"{job.path}: {result['images']} rows, the manifest says {job.samples}")
             log.error("%s", summary.short[-1])
+        summary.duplicate_keys += result["duplicate_keys"]
+        for key, count in result["duplicates"]:
+            summary.duplicates.append(f"{job.path}: key {key!r} appears {count} times")
+        if result["duplicate_keys"]:
+            log.warning("%s: %d key(s) appear more than once in the shard (first: %s); gmad search refuses "
+                        "scores with duplicate keys", job.path, result["duplicate_keys"],
+                        ", ".join(f"{k!r} x{n}" for k, n in result["duplicates"]))
+        _record_part(parts, job, result, setup)
+        write_manifest(out_dir, manifest)  # after the part's rename: a kill in between means one rescore
         runs.append(result)
         bar.update(result["images"])
 
@@ -356,11 +599,13 @@ def score_shards(inputs: list[str | Path], models: list[ModelSpec], out_dir: str
     if runs:
         manifest.setdefault("runs", []).append({
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shards": summary.shards, "images": summary.images,
-            "errors": summary.errors, "failed": summary.failed,
+            "errors": summary.errors, "failed": summary.failed, "rescored": summary.rescored,
+            "duplicate_keys": sum(r["duplicate_keys"] for r in runs),
             "precision": sorted({r["precision"] for r in runs}), "devices": sorted({r["device"] for r in runs})})
-    manifest["complete"] = all(Path(j.out).exists() for j in jobs)
-    with atomic_path(out_dir / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1))
+    manifest["complete"] = all(Path(j.out).name in parts and Path(j.out).exists() for j in jobs)
+    write_manifest(out_dir, manifest)
+    write_run_record(out_dir, precision=sorted({r["precision"] for r in runs}),
+                     device=sorted({r["device"] for r in runs}), shards=summary.shards, images=summary.images)
     return summary
 
 

@@ -18,6 +18,16 @@ A model's overall aggressiveness a_i = mean_{j≠i} a_ij and resistance r_i = me
 (cells without answers left out). Repeated showings are not counted there: they measure each
 participant's consistency (the share of repeated pairs answered the same both times, and the share
 reversed: best one time, worst the other).
+
+Rules:
+- ``--out`` is a folder this command owns (:func:`liqe_dist.outputs.claim_dir`): new, empty or
+  marked by an earlier run; never one that is or holds the database or the pairs file.
+- Every text cell of the CSVs (keys, model names, participant ids) is escaped against formula
+  injection (:mod:`liqe_dist.tables`); numbers never are.
+- The matrices' corner cell is empty, as pandas writes an unnamed index: a model name is never
+  empty, so no model column can be taken for it (``pandas.read_csv(path, index_col=0)``).
+- Model names are drawn as plain text in the heat maps (matplotlib's mathtext off): ``$x$`` and
+  backslashes show as written.
 """
 
 from __future__ import annotations
@@ -31,10 +41,15 @@ import numpy as np
 
 from liqe_dist.data.pairwise_labels import PairwiseLabel, write_pairwise_labels
 from liqe_dist.gmad.pairs import PairsFile, read_pairs
-from liqe_dist.gmad.report import write_csv
 from liqe_dist.gmad.study_db import StudyError, StudyRecords, read_study
+from liqe_dist.outputs import claim_dir
+from liqe_dist.provenance import write_config, write_run_record
+from liqe_dist.tables import write_csv
 
 log = logging.getLogger(__name__)
+
+KIND = "gmad analyse"  # the owner mark of its output folders
+CORNER = ""  # the matrices' top-left cell: no model is named "" (read_pairs refuses it)
 
 Z95 = 1.959963984540054
 
@@ -158,8 +173,10 @@ def pairwise_labels(pairs: PairsFile, analysis: StudyAnalysis) -> list[PairwiseL
     return labels
 
 
-def matrix_rows(matrix: np.ndarray, models: list[str], corner: str) -> list[dict]:
-    return [{corner: m, **{n: ("" if not np.isfinite(matrix[i, j]) else _round(float(matrix[i, j])))
+def matrix_rows(matrix: np.ndarray, models: list[str]) -> list[dict]:
+    """One dict per row model: the :data:`CORNER` column holds its name, each model's column its
+    value ("" where there is none)."""
+    return [{CORNER: m, **{n: ("" if not np.isfinite(matrix[i, j]) else _round(float(matrix[i, j])))
                            for j, n in enumerate(models)}} for i, m in enumerate(models)]
 
 
@@ -172,11 +189,11 @@ def heat_map(matrix: np.ndarray, models: list[str], title: str, rows: str, cols:
     size = 1.2 + 0.9 * len(models)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     masked = np.ma.masked_invalid(matrix)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
     im = ax.imshow(masked, vmin=0.0, vmax=1.0, cmap=cmap)
-    ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
-    ax.set_yticks(range(len(models)), models)
+    # model names are text, not mathtext: "$x$" or a backslash would be parsed (and can fail to)
+    ax.set_xticks(range(len(models)), models, rotation=30, ha="right", parse_math=False)
+    ax.set_yticks(range(len(models)), models, parse_math=False)
     ax.set_xlabel(cols)
     ax.set_ylabel(rows)
     ax.set_title(title)
@@ -209,12 +226,14 @@ def run_analysis(db_path: str | Path, pairs_path: str | Path, out_dir: str | Pat
     a text summary."""
     pairs = read_pairs(pairs_path, need_images=False)
     analysis = analyse(pairs, read_study(db_path), same_weight)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_dir(out_dir, KIND, [db_path, pairs_path])
+    write_config(out, {"db": str(Path(db_path).resolve()), "pairs": str(Path(pairs_path).resolve()),
+                       "same_weight": same_weight})
+    write_run_record(out, participants=analysis.participants, judgments=analysis.judgments)
     models = analysis.models
     write_csv(out / "pairs_judged.csv", analysis.pairs)
-    write_csv(out / "aggressiveness.csv", matrix_rows(analysis.aggressiveness, models, "attacker\\defender"))
-    write_csv(out / "resistance.csv", matrix_rows(analysis.resistance, models, "defender\\attacker"))
+    write_csv(out / "aggressiveness.csv", matrix_rows(analysis.aggressiveness, models))
+    write_csv(out / "resistance.csv", matrix_rows(analysis.resistance, models))
     write_csv(out / "models.csv", analysis.model_rows)
     write_csv(out / "consistency.csv", analysis.consistency or
               [{"participant": "all", "repeated": 0, "agree": 0, "agreement": float("nan"), "reversed": 0}])

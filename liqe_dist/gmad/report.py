@@ -7,23 +7,40 @@ The summary gives, per (defender, attacker), the pairs found and the mean and sm
 how far apart, in the attacker's ranking of the whole corpus (0..1), the two images of a level
 are. A large gap means the attacker strongly separates images the defender calls equal; whether
 the attacker is right is for the observers (``pairs.csv`` is their input).
+
+Rules:
+- ``--out`` is a folder this command owns (:func:`liqe_dist.outputs.claim_dir`): new, empty or
+  marked by an earlier run; never the scores folder or a shard set, nor inside or around one.
+- Before writing, what an earlier run wrote there is removed: ``images/``, ``sheets/`` and the
+  files in :data:`WRITTEN_FILES`, those names only (a user's other files stay).
+- Model names must be plain names: they name the sheets.
+- Every text cell of the CSVs is escaped against formula injection (:mod:`liqe_dist.tables`):
+  a key, source or model name starting with ``=``, ``+``, ``-``, ``@``, tab, CR or ``'`` gets a
+  leading ``'``; numbers never. A reader undoes it with :func:`liqe_dist.tables.read_cell`.
 """
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import html
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from liqe_dist.gmad.scores import Corpus, extract_images, read_scores, shard_paths
+from liqe_dist.gmad.scores import Corpus, check_model_names, extract_images, read_scores, shard_paths
 from liqe_dist.gmad.search import LevelRule, SearchResult, search, sorted_ranks
+from liqe_dist.outputs import OutputError, claim_dir, owned_by, remove_owned
+from liqe_dist.provenance import write_config, write_run_record
+from liqe_dist.tables import write_csv
 
 log = logging.getLogger(__name__)
 
 BOX = 320          # px: the side of the square each image is fitted into, on the page and the sheets
+KIND = "gmad search"  # the owner mark of its output folders
+WRITTEN_FILES = ("pairs.csv", "summary.csv", "skipped.csv", "index.html")
+WRITTEN_FOLDERS = ("images", "sheets")
+SKIPPED_COLUMNS = ["defender", "attacker", "level", "reason"]
 
 
 def run_gmad(scores_dir: str | Path, models: list[str], rule: LevelRule, out_dir: str | Path,
@@ -35,6 +52,9 @@ def run_gmad(scores_dir: str | Path, models: list[str], rule: LevelRule, out_dir
              corpus.dropped, len(models) * (len(models) - 1), rule.levels)
     result = search(corpus.scores, models, rule, corpus.hashes)
     files = write_report(result, corpus, models, rule, out_dir, shards)
+    write_config(out_dir, {"scores": str(Path(scores_dir).resolve()), "models": list(models),
+                           "rule": dataclasses.asdict(rule), "shards": [str(Path(s).resolve()) for s in shards]})
+    write_run_record(out_dir, pairs=len(result.pairs))
     for d, a, k, why in result.skipped:
         log.warning("defender %s, attacker %s: level %d skipped (%s)", d, a, k + 1, why)
     return result, files, format_summary(summary_rows(result, models, rule), models)
@@ -99,31 +119,44 @@ def format_summary(rows: list[dict], models: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-        if not rows:
-            return
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+def claim_out(out_dir: str | Path, corpus: Corpus, shards: list[str | Path] = ()) -> Path:
+    """``out_dir`` claimed for this command, apart from its inputs: the scores folder and the
+    shard sets the images come from."""
+    inputs = [corpus.folder, *corpus.manifest.get("inputs", []), *shards]
+    return claim_dir(out_dir, KIND, [i for i in inputs if i is not None])
+
+
+def clear_previous(out: Path) -> None:
+    """Remove what an earlier run of this command wrote into ``out`` (its names only), so no
+    stale image or sheet sits beside the new pairs."""
+    for name in WRITTEN_FOLDERS:
+        remove_owned(out / name, lambda p: p.parent == out and owned_by(out, KIND))
+    for name in WRITTEN_FILES:
+        path = out / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()  # a link itself, never what it points to
+        elif path.exists():
+            raise OutputError(f"{path}: not a file this command wrote; left as it is (move it away)")
 
 
 def write_report(result: SearchResult, corpus: Corpus, models: list[str], rule: LevelRule, out_dir: str | Path,
                  shards: list[str | Path] = ()) -> dict[str, Path]:
-    """Write pairs.csv, summary.csv, skipped.csv, images/, index.html and sheets/*.png into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write pairs.csv, summary.csv, skipped.csv, images/, index.html and sheets/*.png into
+    ``out_dir`` (claimed for this command; an earlier run's outputs there removed first)."""
+    check_model_names(models)
     rows = pair_rows(result, corpus, models)
     summary = summary_rows(result, models, rule)
+    paths = shard_paths(corpus.manifest, shards)
+    out = claim_out(out_dir, corpus, shards)
+    clear_previous(out)
     write_csv(out / "pairs.csv", rows)
     write_csv(out / "summary.csv", summary)
-    write_csv(out / "skipped.csv", [{"defender": d, "attacker": a, "level": k, "reason": why}
-                                    for d, a, k, why in result.skipped])
+    write_csv(out / "skipped.csv", [dict(zip(SKIPPED_COLUMNS, s)) for s in result.skipped], SKIPPED_COLUMNS)
     wanted = {}
     for r in rows:
         for side in ("best", "worst"):
             wanted[r[f"{side}_key"]] = f"{r['pair']:05d}_{side}"
-    names = extract_images(wanted, corpus, shard_paths(corpus.manifest, shards), out / "images") if wanted else {}
+    names = extract_images(wanted, corpus, paths, out / "images") if wanted else {}
     page = out / "index.html"
     page.write_text(render_page(rows, summary, models, rule, names, corpus), encoding="utf-8")
     sheets = write_sheets(rows, models, names, out / "images", out / "sheets")

@@ -19,9 +19,10 @@ raw scores between models, whose scales differ.
 
 Rules: an image used in one pair is not used again (pairs are searched in a fixed order: defenders
 and attackers in the order the models are given); images sharing a content hash count as one
-(the first by key order is kept); a level with fewer than ``min_images`` candidates, or whose
-candidates A scores all alike, gives no pair and is reported; ties in A's score go to the image
-that comes first in key order.
+(the first by key order is kept), and an image without one (null or empty) is its own; a level
+with fewer than ``min_images`` candidates, or whose candidates A scores all alike, gives no pair
+and is reported; ties in A's score go to the image that comes first in key order; fewer than two
+images, or a model with a non-finite score, is an error.
 
 Cost: one sort of each model's values (O(N log N)), then per attacker and level one
 pass over that level's window (O(N) per pair in all): no O(N²) step.
@@ -119,10 +120,13 @@ def level_centres(values: np.ndarray, rule: LevelRule) -> tuple[np.ndarray, floa
 
 def first_of_each_hash(hashes: np.ndarray) -> np.ndarray:
     """Mask (N,) of the images kept when images sharing a content hash count as one: the first
-    in key order (the arrays' order)."""
+    in key order (the arrays' order). An image without a hash (None, NaN or "") is its own: it
+    is always kept, never merged with another image without one."""
     import pandas as pd
 
-    return ~pd.Series(hashes).duplicated(keep="first").to_numpy()  # a hash table: O(N), no sort
+    series = pd.Series(hashes, dtype=object)
+    missing = series.isna().to_numpy() | (series == "").to_numpy()
+    return ~series.duplicated(keep="first").to_numpy() | missing  # a hash table: O(N), no sort
 
 
 def search(scores: dict[str, np.ndarray], models: list[str], rule: LevelRule = LevelRule(),
@@ -135,6 +139,8 @@ def search(scores: dict[str, np.ndarray], models: list[str], rule: LevelRule = L
     if len(set(models)) < 2:
         raise GMADError(f"gMAD needs at least two different models, got {models}")
     n = len(scores[models[0]])
+    if n < 2:
+        raise GMADError(f"gMAD needs at least two scored images, got {n}")
     # float32 scores stay float32 (what scorers write; sorting them is faster than float64)
     arrays = {m: np.asarray(scores[m]) for m in models}
     arrays = {m: a if a.dtype.kind == "f" else a.astype(np.float64) for m, a in arrays.items()}
