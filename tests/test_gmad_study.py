@@ -46,6 +46,7 @@ class Server:
 
     def __init__(self, pairs: Path, db: Path, *extra: str, cwd: Path | None = None) -> None:
         self.db = db
+        self.tokens: dict[str, str] = {}
         env = dict(os.environ, PYTHONPATH=str(REPO))  # the package of this checkout, whatever the cwd
         self.proc = subprocess.Popen([sys.executable, "-m", "liqe_dist.cli", "gmad", "study", str(pairs),
                                       "--db", str(db), "--port", "0", *extra],
@@ -74,7 +75,7 @@ class Server:
         if isinstance(body, str):
             body = body.encode()
             hdrs.setdefault("Content-Type", "application/x-www-form-urlencoded")
-        con.putrequest(method, path, skip_accept_encoding=True)
+        con.putrequest(method, path, skip_accept_encoding=True, skip_host="Host" in hdrs)  # a Host given replaces it
         for k, v in hdrs.items():
             con.putheader(k, v)
         con.putheader("Content-Length", str(len(body or b"")))
@@ -84,7 +85,21 @@ class Server:
         con.close()
         return resp.status, data, dict(resp.getheaders())
 
+    def token(self, path: str) -> str:
+        """The form token the page a browser would have open shows ('' if there is no such page):
+        the welcome page's for /start, the participant's page's for /p/<id>/..."""
+        page = "/" if path == "/start" else "/".join(path.split("/")[:3])
+        if page not in self.tokens:
+            status, data, _ = self.request("GET", page)
+            found = re.search(rb'name="token" value="([0-9a-f]+)"', data) if status == 200 else None
+            if found is None:
+                return ""
+            self.tokens[page] = found.group(1).decode()
+        return self.tokens[page]
+
     def post(self, path: str, **form) -> int:
+        """POST ``form`` as the page's form would, with its token."""
+        form.setdefault("token", self.token(path))
         return self.request("POST", path, urllib.parse.urlencode(form))[0]
 
     def kill(self) -> None:
@@ -258,8 +273,10 @@ def test_malformed_requests_get_4xx_and_change_nothing(server):
            {"answer": "left", "position": "0", "response_ms": "-5"},
            {"answer": "left", "position": "0", "response_ms": "soon"},
            {"answer": "LEFT", "position": "0"}, {"answer": ["left", "right"], "position": "0"}]
+    token = server.token("/p/zoe/answer")
     for form in bad:
-        status = server.request("POST", "/p/zoe/answer", urllib.parse.urlencode(form, doseq=True))[0]
+        body = urllib.parse.urlencode(form | {"token": token}, doseq=True)
+        status = server.request("POST", "/p/zoe/answer", body)[0]
         assert status == 400, (form, status)
     assert server.post("/p/zoe/answer", answer="left", position="0") == 409          # the practice comes first
     assert server.post("/p/zoe/practice", answer="left") == 303
@@ -269,12 +286,12 @@ def test_malformed_requests_get_4xx_and_change_nothing(server):
     assert server.post("/p/bad%20id/answer", answer="left", position="0") == 404
     assert server.request("GET", "/p/zoe/answer")[0] == 405
     assert server.request("POST", "/p/zoe/answer", '{"answer": "left", "position": 0}',
-                          {"Content-Type": "application/json"})[0] == 400
+                          {"Content-Type": "application/json"})[0] == 403             # not a form: no token
     assert server.request("POST", "/p/zoe/answer", "answer=left&position=0&pad=" + "x" * 40_000)[0] == 413
-    assert server.request("POST", "/p/zoe/practice", "answer=sideways")[0] == 400
+    assert server.request("POST", "/p/zoe/practice", f"answer=sideways&token={token}")[0] == 400
     assert db_rows(server_db(server), "zoe") == []                                     # nothing recorded
     assert server.post("/p/zoe/answer", answer="same", position="0") == 303
-    status, page, _ = server.request("POST", "/p/zoe/answer", "answer=left&position=0")  # already answered
+    status, page, _ = server.request("POST", "/p/zoe/answer", f"answer=left&position=0&token={token}")  # answered
     assert status == 409 and b'href="/p/zoe"' in page                                  # with the way on
     assert [r[1] for r in db_rows(server_db(server), "zoe")] == ["same"]
 

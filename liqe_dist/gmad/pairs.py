@@ -4,20 +4,27 @@ analysis: each pair's roles, level, both images' keys and sources, and the image
 The image of a pair is found by its pair number alone: ``images/NNNNN_best.EXT`` and
 ``images/NNNNN_worst.EXT`` with EXT from a fixed list. No text of the CSV becomes a path, so a
 hand-edited or hostile pairs file cannot point the study server at another file.
+
+The whole text is parsed by the csv module (a UTF-8 BOM dropped), never split into lines first:
+any field, newlines and Unicode line separators included, reads back as written.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from liqe_dist.gmad.scores import BROWSER_FORMATS
 from liqe_dist.gmad.search import GMADError
+from liqe_dist.tables import read_cell
 
 SIDES = ("best", "worst")
 REQUIRED = ("pair", "defender", "attacker", "level", "best_key", "worst_key", "best_source", "worst_source")
+TEXT_COLUMNS = ("defender", "attacker", "best_key", "worst_key", "best_source", "worst_source")
 MEDIA_TYPES = {"jpg": "image/jpeg", "png": "image/png", "bmp": "image/bmp", "gif": "image/gif", "webp": "image/webp"}
 MAX_PAIR = 99_999  # pair numbers name the image files with 5 digits; people judge far fewer pairs
 
@@ -56,18 +63,26 @@ def read_pairs(path: str | Path, need_images: bool = True) -> PairsFile:
     except OSError as exc:
         raise GMADError(f"{path}: cannot read the pairs file ({exc.strerror or exc})") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # spreadsheet programs save a BOM
     except UnicodeDecodeError:
         raise GMADError(f"{path}: not a UTF-8 CSV file") from None
-    reader = csv.DictReader(text.splitlines())
-    missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+    rows = _csv_rows(path, text)
+    fields = next(rows, (0, []))[1]
+    missing = [c for c in REQUIRED if c not in fields]
     if missing:
         raise GMADError(f"{path}: not a gMAD pairs file (columns {missing} missing; "
                         f"make one with `liqe-dist gmad search`)")
     pairs: list[GmadPair] = []
     seen: set[int] = set()
     images_dir = path.resolve().parent / "images"  # absolute: the server's file sender needs it
-    for line, row in enumerate(reader, start=2):
+    for line, values in rows:
+        if not values:
+            continue
+        if len(values) < len(fields):
+            raise GMADError(f"{path}, line {line}: {len(values)} fields, the header has {len(fields)}")
+        row = dict(zip(fields, values))
+        for text in TEXT_COLUMNS:  # written through tables.safe_cell: undo its escape
+            row[text] = read_cell(row[text])
         try:
             pair, level = int(row["pair"]), int(row["level"])
         except (TypeError, ValueError):
@@ -92,6 +107,23 @@ def read_pairs(path: str | Path, need_images: bool = True) -> PairsFile:
             if m not in models:
                 models.append(m)
     return PairsFile(path=path, sha256=hashlib.sha256(raw).hexdigest(), pairs=pairs, models=models)
+
+
+def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
+    """(line, fields) of each record of ``text``; a csv error (a field over the csv module's size
+    limit, a stray quote) is a ``GMADError`` naming the file and line, not a traceback."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            if "field larger than field limit" in str(exc):
+                raise GMADError(f"{path}, line {reader.line_num}: a field is longer than "
+                                f"{csv.field_size_limit()} characters; not a gMAD pairs file") from None
+            raise GMADError(f"{path}, line {reader.line_num}: not a readable CSV row ({exc})") from None
+        yield reader.line_num, values
 
 
 def _image_file(images_dir: Path, pair: int, side: str) -> Path:

@@ -14,13 +14,19 @@ showing (for the consistency check), each trial with the attacker's best image o
 (the attacker's best image looks better), ``worst`` or ``same``.
 
 A database belongs to one pairs file (its SHA-256 is stored) and one schedule setting; opening it
-with another is refused.
+with another is refused. Its ``meta`` table also keeps a random ``form_secret`` (made once), from
+which the app derives the forms' anti-forgery tokens, so that tokens survive a restart.
+
+A write waits at most ``busy_timeout`` seconds (a few: a request must not hang) for the write lock
+and then raises ``Busy``, which the app answers with "busy, send again" instead of an error.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import secrets
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -36,6 +42,8 @@ from liqe_dist.gmad.search import GMADError
 SCHEMA_VERSION = "1"
 PARTICIPANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 ANSWERS = ("left", "right", "same")
+BUSY_TIMEOUT_S = 3.0  # how long a request waits for the write lock before "busy, send again"
+SECRET_KEY = "form_secret"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -78,6 +86,10 @@ class StudySettings(BaseModel):
 
 class StudyError(GMADError):
     """A database that does not fit the pairs file or the settings, or is not a study database."""
+
+
+class Busy(StudyError):
+    """The database's write lock stayed taken (another program writing) for the whole busy timeout."""
 
 
 class Conflict(Exception):
@@ -132,16 +144,24 @@ def schedule(pair_ids: list[int], participant: str, settings: StudySettings) -> 
 class StudyDB:
     """One study database file (see the module docstring)."""
 
-    def __init__(self, path: str | Path, pairs: PairsFile, settings: StudySettings) -> None:
+    def __init__(self, path: str | Path, pairs: PairsFile, settings: StudySettings,
+                 busy_timeout: float = BUSY_TIMEOUT_S) -> None:
         self.path = Path(path)
         self.pairs = pairs
         self.settings = settings
+        self.busy_timeout = busy_timeout
         self.pair_ids = [p.pair for p in pairs.pairs]
+        self.secret = b""
         self._init()
 
     @contextmanager
     def connect(self, write: bool = False) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        """A connection (``write``: inside ``BEGIN IMMEDIATE`` ... ``COMMIT``); a lock held past the
+        busy timeout is ``Busy``."""
+        try:
+            con = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise database_error(self.path, exc) from None
         try:
             con.execute("PRAGMA foreign_keys = ON")
             con.execute("PRAGMA synchronous = FULL")
@@ -155,6 +175,10 @@ class StudyDB:
                 con.execute("COMMIT")
             else:
                 yield con
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):  # closing the connection below rolls back whatever was begun
+                raise database_error(self.path, exc) from None
+            raise
         finally:
             con.close()
 
@@ -170,11 +194,17 @@ class StudyDB:
                 con.executescript(SCHEMA)
             with self.connect(write=True) as con:
                 have = dict(con.execute("SELECT key, value FROM meta").fetchall())
-                if not have:
+                fresh = not have
+                if fresh:
                     con.executemany("INSERT INTO meta VALUES (?, ?)", sorted(wanted.items()))
-                    return
+                if SECRET_KEY not in have:  # databases made before the tokens get their secret now
+                    have[SECRET_KEY] = secrets.token_hex(32)
+                    con.execute("INSERT INTO meta VALUES (?, ?)", (SECRET_KEY, have[SECRET_KEY]))
         except sqlite3.DatabaseError as exc:
-            raise StudyError(f"{self.path}: not a study database ({exc})") from None
+            raise database_error(self.path, exc) from None
+        self.secret = bytes.fromhex(have[SECRET_KEY])
+        if fresh:
+            return
         if have.get("schema") != SCHEMA_VERSION:
             raise StudyError(f"{self.path}: study database schema {have.get('schema')!r}, this version reads "
                              f"{SCHEMA_VERSION!r}")
@@ -278,7 +308,10 @@ def read_study(path: str | Path) -> StudyRecords:
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"{path}: no such study database")
-    con = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+    try:
+        con = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise database_error(path, exc) from None
     con.row_factory = sqlite3.Row
     try:
         meta = dict(tuple(r) for r in con.execute("SELECT key, value FROM meta").fetchall())
@@ -288,7 +321,42 @@ def read_study(path: str | Path) -> StudyRecords:
             "a.answered_at FROM answers a JOIN trials t USING (participant, position) "
             "ORDER BY a.participant, a.position").fetchall()
     except sqlite3.DatabaseError as exc:
-        raise StudyError(f"{path}: not a study database ({exc})") from None
+        raise database_error(path, exc) from None
     finally:
         con.close()
     return StudyRecords(meta=meta, participants=participants, judgments=[dict(r) for r in rows])
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; the message before
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _cannot_open(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM)
+    return "unable to open" in str(exc) or "readonly" in str(exc)
+
+
+def database_error(path: Path, exc: sqlite3.Error) -> StudyError:
+    """The error to show for ``exc`` on ``path``: locked by another program, cannot be opened (and
+    why, as far as the file system tells), or not a study database: three different fixes."""
+    if _is_busy(exc):
+        return Busy(f"{path}: the database is locked by another program (another `gmad study` server or a "
+                    f"writer?); stop it or try again")
+    if _cannot_open(exc):
+        folder = path.parent
+        if not folder.is_dir():
+            why = f"its folder {folder} does not exist"
+        elif path.is_dir():
+            why = "it is a folder"
+        elif not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.R_OK | os.W_OK)):
+            why = (f"no permission to read and write it and its folder {folder} (SQLite writes -wal and -shm "
+                   f"files beside it)")
+        else:
+            why = str(exc)
+        return StudyError(f"{path}: cannot open the study database: {why}")
+    return StudyError(f"{path}: not a study database ({exc})")
