@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced first by the slurm/*.sbatch scripts: the repository's environment on PATH, log lines,
 # and run_requeueable.
 #   LIQE_REPO   the repository (default: the submit folder, i.e. sbatch run from the repo root)

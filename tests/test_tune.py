@@ -80,6 +80,192 @@ def test_search_config_errors_name_the_key(tmp_path, shard_sets, change, message
         load_search(path)
 
 
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shard_sets):
+    """An unlabelled corpus (``pack folder``): a manifest of kind corpus, no MOS."""
+    from PIL import Image
+
+    from liqe_dist.data.corpus import CorpusConfig, pack_corpus
+
+    root = tmp_path_factory.mktemp("tune-corpus")
+    (root / "photos").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "photos" / f"{i}.png")
+    return pack_corpus(root / "photos", root / "shards" / "photos", "photos", CorpusConfig(workers=1),
+                       progress=False).out_dir
+
+
+def check_fails(command: str, path: Path, caplog, *expected: str) -> str:
+    """``liqe-dist COMMAND --check --config PATH`` exits 2 with one line naming the file and ``expected``."""
+    from liqe_dist.cli import main
+
+    caplog.clear()
+    assert main([command, "--check", "--config", str(path)]) == 2, caplog.text
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith(f"{path}: "), errors
+    for text in expected:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
+GRID = {"optim.lr": {"grid": [1e-4, 1e-3]}}
+LARGE = [
+    ({"num_samples": 10 ** 9}, ["num_samples: 2,000,000,000 trials (num_samples 1,000,000,000 x "
+                                "search_space.optim.lr (2 values)), more than the limit of 10,000; set allow_large: true"]),
+    ({"num_samples": "1e9"}, ["num_samples: expected an integer"]),
+    ({"search_space": {"optim.lr": {"grid": [1e-4 * (1 + i / 1000) for i in range(1000)]},
+                       "optim.weight_decay": {"grid": [i / 1000 for i in range(1000)]}}},
+     ["search_space: 1,000,000 trials (num_samples 1 x search_space.optim.lr (1,000 values) x "
+      "search_space.optim.weight_decay (1,000 values)), more than the limit of 10,000"]),
+    ({"search_space": {"optim.lr": {"choice": [1e-4 * (1 + i / 10 ** 5) for i in range(20_000)]}}},
+     ["search_space.optim.lr.choice: 20,000 values, more than the limit of 10,000", "allow_large: true"]),
+    ({"num_samples": 3, "variants": {f"v{i}": {"seed": i} for i in range(4000)}},
+     ["search_space: 24,000 trials (num_samples 3 x search_space.optim.lr (2 values) x 4,000 variants)"]),
+]
+FOLDERS = [
+    ({"scheduler": {"kind": "asha", "grace_period": 3}}, ["scheduler.grace_period: 3 epochs, beyond the 2 epoch(s)"]),
+    ({"seed": -1}, ["seed must be 0..4294967295"]),
+    ({"seed": 2 ** 32}, ["seed must be 0..4294967295"]),
+    ({"name": "a\x00b"}, ["name 'a\\x00b' must be one plain name: it holds '\\x00'"]),
+    ({"name": "a\nb"}, ["name 'a\\nb' must be one plain name: it holds '\\n'"]),
+    ({"name": "n" * 300}, ["name is 300 bytes long; at most 200"]),
+    ({"name": ".hidden"}, ["name: expected a folder name"]),
+    ({"storage": "runs\x00x"}, ["storage: expected a folder path"]),
+]
+
+
+@pytest.mark.parametrize("keys, expected", LARGE + FOLDERS,
+                         ids=[f"large-{i}" for i in range(len(LARGE))] + [f"keys-{i}" for i in range(len(FOLDERS))])
+def test_check_refuses_what_would_fail_once_ray_runs(tmp_path, shard_sets, caplog, keys, expected):
+    """``tune --check`` (and the search's own start) refuses a size beyond the stated limits, an
+    ASHA grace period past the epochs (Ray asserts grace_period <= max_t), a seed numpy cannot
+    take, a name that is no plain folder name: one line with the file and the dotted key."""
+    path = write_search(tmp_path / "s.yaml", train_keys(shard_sets[0]),
+                        **{"storage": str(tmp_path / "runs"), "search_space": GRID, **keys})
+    check_fails("tune", path, caplog, *expected)
+
+
+def test_allow_large_lets_a_large_search_through(tmp_path, shard_sets, caplog):
+    from liqe_dist.cli import main
+    from liqe_dist.tune.config import load_search, search_dict
+
+    path = write_search(tmp_path / "s.yaml", train_keys(shard_sets[0]), storage=str(tmp_path / "runs"),
+                        search_space=GRID, num_samples=20_000)
+    check_fails("tune", path, caplog, "num_samples: 40,000 trials (num_samples 20,000 x search_space.optim.lr "
+                                      "(2 values))")
+    caplog.set_level("INFO")
+    assert main(["tune", "--check", "--config", str(path), "--set", "allow_large=true"]) == 0
+    assert f"{path}: valid" in caplog.text
+    search = load_search(path, {"allow_large": True})
+    assert search.trial_count() == 40_000 and "allow_large" not in search_dict(search)  # not a trial setting
+
+
+def test_check_refuses_an_experiment_folder_of_another_search(tmp_path, shard_sets, caplog):
+    """STORAGE/NAME holding a search with other settings is refused by --check (the search itself
+    refuses it too, but only after it started Ray); the same search there is a resume and passes."""
+    import dataclasses
+
+    from liqe_dist.cli import main
+    from liqe_dist.tune.config import load_search, search_dict
+    from liqe_dist.tune.results import SEARCH_FILE
+    from liqe_dist.tune.search import with_absolute_paths
+
+    path = write_search(tmp_path / "s.yaml", train_keys(shard_sets[0]), storage=str(tmp_path / "runs"),
+                        name="exp", search_space=GRID)
+    search = with_absolute_paths(load_search(path))
+    search.experiment_dir.mkdir(parents=True)
+    saved = search.experiment_dir / SEARCH_FILE
+    saved.write_text(json.dumps(search_dict(search)))
+    caplog.set_level("INFO")
+    assert main(["tune", "--check", "--config", str(path)]) == 0  # the same search: resumed
+    other = dataclasses.replace(search, num_samples=3)
+    saved.write_text(json.dumps(search_dict(other)))
+    check_fails("tune", path, caplog, f"name: {search.experiment_dir} holds a search with other settings",
+                "num_samples: 3 -> 1")
+    saved.write_text("[1, 2]")
+    check_fails("tune", path, caplog, "name: ", "is not a saved search")
+    saved.unlink()
+    search.experiment_dir.rmdir()
+    search.experiment_dir.write_text("a file")
+    check_fails("tune", path, caplog, "name: the experiment folder", "is not a folder")
+
+
+def test_check_refuses_unlabelled_sets(tmp_path, shard_sets, corpus, caplog):
+    """A corpus (no MOS) as a protocol's cross-dataset set, or as a training set of a search
+    (also one a variant adds), is refused naming the key: scoring it there would fail once Ray runs."""
+    a, b = shard_sets
+    protocol = tmp_path / "p.yaml"
+    protocol.write_text(yaml.safe_dump({"train": train_keys(a), "splits": [0, 1], "storage": str(tmp_path / "runs"),
+                                        "cross_dataset": [str(b), str(corpus)]}))
+    check_fails("protocol", protocol, caplog, f"cross_dataset[1]: {corpus} is an unlabelled corpus (no MOS)")
+    search = write_search(tmp_path / "s.yaml", train_keys(corpus), storage=str(tmp_path / "runs"), search_space=GRID)
+    check_fails("tune", search, caplog, f"train.datasets[0].shards: {corpus} is an unlabelled corpus")
+    two = [{"name": "a", "shards": str(a), "batch_size": 2}, {"name": "c", "shards": str(corpus), "batch_size": 2}]
+    search = write_search(tmp_path / "s.yaml", train_keys(a), storage=str(tmp_path / "runs"), search_space=GRID,
+                          variants={"plain": {}, "more": {"datasets": two}})
+    check_fails("tune", search, caplog, f"variants.more.datasets[1].shards: {corpus} is an unlabelled corpus")
+
+
+def test_a_large_grid_is_checked_with_few_full_validations(tmp_path, shard_sets, monkeypatch):
+    """A 10^4-value grid: every value is checked (a bad one anywhere is named), but the full
+    training config is validated only for a few representatives and the keys' corner trials,
+    not once per value (11.6 s for 10^4 values before)."""
+    import liqe_dist.tune.config as config
+    from liqe_dist.tune.config import CORNER_TRIALS, load_search
+
+    calls = []
+    full = config.validate_trial
+    monkeypatch.setattr(config, "validate_trial", lambda train, overrides: calls.append(overrides) or full(train, overrides))
+    lrs = np.geomspace(1e-5, 1e-3, 10_000).tolist()
+    path = write_search(tmp_path / "s.yaml", train_keys(shard_sets[0]), storage=str(tmp_path / "runs"),
+                        search_space={"optim.lr": {"grid": lrs}})
+    assert load_search(path).trial_count() == 10_000
+    assert len(calls) <= CORNER_TRIALS + 8, len(calls)
+
+    # A value only the per-value check can tell bad: placement is a string checked in TrainConfig's
+    # __post_init__, and the bad one is neither the first nor an extreme.
+    places = ["PACK", "SPREAD"] * 5000
+    places[6001] = "EVERYWHERE"
+    calls.clear()
+    path = write_search(tmp_path / "s.yaml", train_keys(shard_sets[0]), storage=str(tmp_path / "runs"),
+                        search_space={"placement": {"grid": places}})
+    with pytest.raises(ConfigError, match="search_space.placement = 'EVERYWHERE': placement must be PACK"):
+        load_search(path)
+    assert len(calls) <= 8, len(calls)
+
+
+@pytest.mark.parametrize("key, values", [
+    ("optim.lr", [1e-4, -1.0, 0.0, "1e-3", float("inf"), True]),
+    ("optim.schedule", [None, "cosine", "cosine_cycles", "nope"]),
+    ("model.loss.recipe", ["paper", "reference", "other"]),
+    ("model.loss", [{"recipe": "reference"}, {"phi_scale": "x"}, {"unknown": 1}]),
+    ("crops.size", [224, 256, 32]),
+    ("epochs", [0, 3, -1]),
+    ("datasets", [[], [{"name": "a", "shards": "/x", "batch_size": 2}] * 2, [{"name": "a", "shards": "/x"}]]),
+    ("model.family", ["liqe", "pmt_iqa", "other"]),
+    ("weighting.method", ["dwa", "equal", "progressive", "x"]),
+])
+def test_the_per_value_check_agrees_with_the_full_validation(shard_sets, key, values):
+    """Each value is accepted or refused exactly as building the whole trial config would."""
+    from liqe_dist.tune.config import KeyValues, validate_trial
+
+    train = train_keys(shard_sets[0])
+    check = KeyValues(train, key, validate_trial(train, {}))
+    for value in values:
+        try:
+            validate_trial(train, {key: value})
+            expected = None
+        except ConfigError as exc:
+            expected = f"search_space.{key} = {value!r}: {exc}"
+        try:
+            check.one(value) if check.chain is not None else check.full(value)
+            got = None
+        except ConfigError as exc:
+            got = str(exc)
+        assert got == expected, (key, value)
+
+
 def test_optuna_without_optuna_is_a_clear_error(tmp_path, shard_sets):
     from liqe_dist.tune.config import load_search
 

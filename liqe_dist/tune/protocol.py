@@ -28,7 +28,9 @@ import numpy as np
 
 from liqe_dist.config import ConfigError, apply_overrides, from_dict, to_dict
 from liqe_dist.files import atomic_path
-from liqe_dist.tune.config import Distribution, SchedulerConfig, SearchConfig, check_search, read_sections
+from liqe_dist.data.packing import check_labelled_set
+from liqe_dist.tune.config import (Distribution, SchedulerConfig, SearchConfig, check_experiment_folder, check_search,
+                                   read_sections)
 from liqe_dist.tune.results import SEARCH_FILE, trial_dirs
 
 log = logging.getLogger("liqe_dist.tune")
@@ -47,29 +49,34 @@ class ProtocolConfig:
     max_concurrent_trials: int | None = None
     name: str = "protocol"
     storage: str = "runs/protocol"
+    allow_large: bool = False  # more trials (splits x variants) than the search limit allows
 
     def __post_init__(self) -> None:
         if not self.splits or len(set(self.splits)) != len(self.splits) or not all(0 <= s < 10 for s in self.splits):
             raise ValueError(f"splits: expected distinct splits in 0..9, got {self.splits}")
+        self.search()  # its name, storage and limits are the protocol's
 
     def search(self) -> SearchConfig:
         """The search that runs the protocol: a grid over splits (x variants), every trial to the end."""
         return SearchConfig(train=self.train, search_space={"split": Distribution(grid=list(self.splits))},
                             variants=self.variants, metric="val/mean_srcc", scheduler=SchedulerConfig("fifo"),
-                            max_concurrent_trials=self.max_concurrent_trials, name=self.name, storage=self.storage)
+                            max_concurrent_trials=self.max_concurrent_trials, name=self.name, storage=self.storage,
+                            allow_large=self.allow_large)
 
 
 def load_protocol(path: str | Path, overrides: dict[str, Any] | None = None) -> ProtocolConfig:
+    """Read a protocol file and check it as its search (:func:`check_search`, the experiment
+    folder) with its cross-dataset sets: each a packed set with MOS, as scoring it needs."""
     path = Path(path)
     data = apply_overrides(read_sections(path), overrides or {})
     try:
         protocol = from_dict(ProtocolConfig, data)
         check_search(protocol.search())
+        check_experiment_folder(protocol.search())
+        for i, shards in enumerate(protocol.cross_dataset):
+            check_labelled_set(shards, f"cross_dataset[{i}]")
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    for shards in protocol.cross_dataset:
-        if not (Path(shards) / "manifest.json").is_file():
-            raise ConfigError(f"{path}: cross_dataset: {shards} is not a packed shard set (no manifest.json)")
     return protocol
 
 

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from liqe_dist.config import ConfigError
+from liqe_dist.config import ConfigError, describe_changes
 from liqe_dist.files import atomic_path
+from liqe_dist.provenance import write_config, write_run_record
 from liqe_dist.tune.cleanup import experiment_groups, live_groups, remove_groups
-from liqe_dist.tune.config import SearchConfig, corner_trials, describe_changes, search_dict
+from liqe_dist.tune.config import SearchConfig, corner_trials, search_dict
 from liqe_dist.tune.results import SEARCH_FILE, TRIAL_STATUS, trial_dirs, write_results
 from liqe_dist.tune.trial import run_trial, trial_name
 
@@ -125,6 +126,8 @@ def run_search(search: SearchConfig, address: str | None = None) -> list[dict]:
     exp.mkdir(parents=True, exist_ok=True)
     with atomic_path(exp / SEARCH_FILE) as tmp:
         tmp.write_text(json.dumps(search_dict(search), indent=1))
+    write_config(exp, search_dict(search))  # each trial's folder records its own training config
+    write_run_record(exp, trials_at_a_time=concurrency, resumed=bool(restoring))
     trainable = tune.with_resources(tune.with_parameters(run_trial, search=search_dict(search)), {"CPU": 0.01})
     if restoring and tune.Tuner.can_restore(str(exp)):
         log.info("resuming %s: finished trials are kept, unfinished ones continue from their checkpoints", exp)
@@ -221,7 +224,7 @@ class TrialProgress(Callback):
         with atomic_path(trial_dir / TRIAL_STATUS) as tmp:
             tmp.write_text(json.dumps({"status": status, "epoch": (trial.last_result or {}).get("epoch")}))
         log.info("%s %s%s%s", trial_name(trial), status, f" {detail}" if detail else "",
-                 f" (removed its placement group)" if removed else "")
+                 " (removed its placement group)" if removed else "")
 
 
 def _short(value) -> str:
