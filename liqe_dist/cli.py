@@ -12,6 +12,7 @@ from liqe_dist.console import setup_logging
 
 log = logging.getLogger("liqe_dist")
 
+PRINT_CONFIG_HELP = "print the resolved config (every default filled in, as the run folder records it) and exit"
 CHECK_HELP = "validate the file (and that its shard sets exist), then exit: what a cluster job runs before Ray"
 
 
@@ -22,9 +23,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", help="weights file: project .safetensors of any family (detected from the file), "
                                         "released LIQE .pt, pyiqa liqe_mix.pt")
     g.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai; downloaded by open_clip)")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 where the hardware computes it natively (AVX512_BF16/AMX CPUs, bf16 GPUs), "
-                        "else fp32")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
+                   help="fp32 (default: the same scores on every machine); bf16; auto: bf16 where the hardware "
+                        "computes it natively (AVX512_BF16/AMX CPUs, bf16 GPUs), else fp32 (faster; the scores "
+                        "then depend on the machine)")
     g.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
 
 
@@ -51,9 +53,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     crops = default_crops(model, small_images=args.small_images)
-    log.info("%s model, %d crops of %d px per image", model.family, crops.eval_crops, crops.size)
     scorer = Scorer(model, crops,
                     batch_images=args.batch_images, num_workers=args.workers, device=device)
+    log.info("scoring: %s", scorer.describe())
     skipped = len(failures)
 
     def good_results():
@@ -84,10 +86,12 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
     from liqe_dist.data.adapters import read_dataset
     from liqe_dist.data.packing import PackConfig, pack_records
+    from liqe_dist.outputs import plain_name
 
     if args.format == "folder":
         return _pack_corpus(args)
-    name = args.name or args.format
+    name = args.name if args.name is not None else args.format
+    plain_name(name, "--name")
     records = read_dataset(args.format, Path(args.root), name, Path(args.lists) if args.lists else None)
     cfg = PackConfig(shard_max_bytes=int(args.shard_max_mb * 1024 * 1024), shard_max_count=args.shard_max_count,
                      splits=args.splits, seed=args.seed, order=args.order, order_seed=args.order_seed,
@@ -103,12 +107,14 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def _pack_corpus(args: argparse.Namespace) -> int:
-    from liqe_dist.data.corpus import CorpusConfig, pack_corpus
+    from liqe_dist.data.corpus import CorpusConfig, default_name, pack_corpus
+    from liqe_dist.outputs import plain_name
 
-    name = args.name or Path(args.root.rstrip("/")).name
+    name = args.name if args.name is not None else default_name(args.root)
     cfg = CorpusConfig(shard_max_bytes=int(args.shard_max_mb * 1024 * 1024), shard_max_count=args.shard_max_count,
                        drop_duplicates=args.drop_duplicates, workers=args.workers,
                        max_pixels=int(args.max_megapixels * 1_000_000))
+    plain_name(name, "--name")
     result = pack_corpus(args.root, Path(args.out) / name, name, cfg, progress=not args.no_progress,
                          force=args.force)
     log.info("%s", result.summary(name))
@@ -121,9 +127,15 @@ def _pack_corpus(args: argparse.Namespace) -> int:
 
 
 def cmd_score_shards(args: argparse.Namespace) -> int:
-    from liqe_dist.eval.score_shards import ModelSpec, score_shards
+    from liqe_dist.eval.score_shards import ModelSpec, check_job, check_models, score_shards
 
     models = [ModelSpec.parse(m) for m in args.model]
+    check_models(models)  # names and the columns they own, before anything is read
+    if args.check:
+        job = check_job(args.shards, models, args.out, precision=args.precision, eval_crops=args.eval_crops)
+        log.info("%s: valid (%d shard(s) of %s; models %s)", args.out, job.shards, ", ".join(job.sets) or "tar files",
+                 ", ".join(f"{n} ({f})" for n, f in job.families.items()))
+        return 0
     summary = score_shards(args.shards, models, args.out, workers=args.workers, address=args.address,
                            precision=args.precision, device=args.device, batch_images=args.batch_images,
                            cpus_per_worker=args.cpus_per_worker, eval_crops=args.eval_crops,
@@ -131,6 +143,11 @@ def cmd_score_shards(args: argparse.Namespace) -> int:
                            progress=not args.no_progress)
     log.info("scored %d image(s) in %d shard(s) (%d already done), %d image(s) could not be scored -> %s",
              summary.images, summary.shards, summary.skipped, summary.errors, args.out)
+    if summary.rescored:
+        log.warning("%d part file(s) were found but not trusted and were scored again", len(summary.rescored))
+    if summary.duplicate_keys:
+        log.warning("%d key(s) appear more than once within a shard (named above); gmad search refuses them",
+                    summary.duplicate_keys)
     for path in summary.failed:
         log.error("%s: left out (killed every worker that scored it); rerun to try again", path)
     return 1 if summary.failed or summary.short else 0
@@ -152,9 +169,12 @@ def cmd_gmad_study(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from liqe_dist.gmad.pairs import read_pairs
-    from liqe_dist.gmad.study_app import create_app, serve
+    from liqe_dist.gmad.study_app import check_listen, create_app, parse_public_url, serve
     from liqe_dist.gmad.study_db import StudyDB, StudySettings, repeats_per_participant
 
+    check_listen(args.port, args.threads)  # before the database is made: a bad flag changes nothing
+    if args.public_url is not None:
+        parse_public_url(args.public_url)
     given = {k: v for k, v in (("repeat_fraction", args.repeat_fraction), ("repeat_gap", args.repeat_gap),
                                 ("seed", args.seed)) if v is not None}
     made = StudyDB.settings_of(args.db)
@@ -164,7 +184,7 @@ def cmd_gmad_study(args: argparse.Namespace) -> int:
         err = exc.errors()[0]
         raise ValueError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
     pairs = read_pairs(args.pairs)
-    app = create_app(pairs, args.db, settings)
+    app = create_app(pairs, args.db, settings, host=args.host, port=args.port, public_url=args.public_url)
     repeats = repeats_per_participant(len(pairs.pairs), settings)
     log.info("%d pairs (%d trials per participant, %d repeated), answers in %s", len(pairs.pairs),
              len(pairs.pairs) + repeats, repeats, args.db)
@@ -224,8 +244,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from liqe_dist.config import ConfigError, load_yaml, parse_overrides
+    from liqe_dist.provenance import config_text
     from liqe_dist.run.ray_train import run_training
-    from liqe_dist.train.config import TrainConfig
+    from liqe_dist.train.config import TrainConfig, resolved_config
 
     cfg = load_yaml(TrainConfig, args.config, parse_overrides(args.set))
     if args.workers is not None:
@@ -233,6 +254,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg = dataclasses.replace(cfg, workers=args.workers)
         except ValueError as exc:
             raise ConfigError(f"--workers: {exc}") from None
+    if args.print_config:
+        print(config_text(resolved_config(cfg)), end="")
+        return 0
     if args.check:
         return _checked(args.config, [d.shards for d in cfg.datasets])
     metrics = run_training(cfg, address=args.address)
@@ -241,26 +265,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checked(path: str, shard_sets: list[str]) -> int:
-    """``--check``: the file is valid and its shard sets exist (what a cluster job verifies before
-    it starts Ray)."""
-    from liqe_dist.data.packing import read_manifest
+def _checked(path: str, shard_sets: list[str] | dict[str, str]) -> int:
+    """``--check``: the file is valid and its shard sets are packed sets with MOS (what a cluster
+    job verifies before it starts Ray). ``shard_sets``: a training config's datasets in order, or
+    ``{dotted key: shards}``."""
+    from liqe_dist.config import ConfigError
+    from liqe_dist.data.packing import check_labelled_set
 
-    for shards in shard_sets:
-        read_manifest(Path(shards))
+    named = shard_sets if isinstance(shard_sets, dict) else {f"datasets[{i}].shards": s
+                                                             for i, s in enumerate(shard_sets)}
+    for key, shards in named.items():
+        try:
+            check_labelled_set(shards, key)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     log.info("%s: valid", path)
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from liqe_dist.config import parse_overrides
-    from liqe_dist.tune.config import load_search
+    from liqe_dist.provenance import config_text
+    from liqe_dist.train.config import resolved_config
+    from liqe_dist.tune.config import load_search, search_dict, trial_shard_sets
     from liqe_dist.tune.results import markdown_table, summary_columns
     from liqe_dist.tune.search import run_search
 
     search = load_search(args.config, parse_overrides(args.set))
+    if args.print_config:
+        print(config_text({**search_dict(search), "train": resolved_config(search.trial_config({}))}), end="")
+        return 0
     if args.check:
-        return _checked(args.config, [d.shards for d in search.trial_config({}).datasets])
+        return _checked(args.config, trial_shard_sets(search))
     rows = run_search(search, address=args.address)
     exp = search.experiment_dir
     print(f"\n{search.name}: {len(rows)} trial(s), best first by {search.metric} ({search.mode})\n")
@@ -272,13 +308,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_protocol(args: argparse.Namespace) -> int:
-    from liqe_dist.config import parse_overrides
+    import json
+
+    from liqe_dist.config import parse_overrides, to_dict
+    from liqe_dist.provenance import config_text
+    from liqe_dist.train.config import resolved_config
+    from liqe_dist.tune.config import trial_shard_sets
     from liqe_dist.tune.protocol import load_protocol, run_protocol
 
     protocol = load_protocol(args.config, parse_overrides(args.set))
-    if args.check:
-        return _checked(args.config, [d.shards for d in protocol.search().trial_config({}).datasets]
-                        + list(protocol.cross_dataset))
+    if args.print_config:
+        resolved = {**json.loads(json.dumps(to_dict(protocol), default=str)),
+                    "train": resolved_config(protocol.search().trial_config({}))}
+        print(config_text(resolved), end="")
+        return 0
+    if args.check:  # (load_protocol checked the cross-dataset sets)
+        return _checked(args.config, trial_shard_sets(protocol.search()))
     report = run_protocol(protocol, address=args.address)
     print("\n" + report.read_text())
     print(f"report: {report}, {report.with_suffix('.csv')}; trials: {report.parent}/results.csv")
@@ -311,12 +356,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from liqe_dist.config import ConfigError, load_yaml, parse_overrides
-    from liqe_dist.eval.scoring import default_crops
+    from liqe_dist.config import ConfigError, load_yaml, parse_overrides, to_dict
+    from liqe_dist.eval.scoring import default_crops, describe_run
     from liqe_dist.eval.shard_eval import TABLE_HEADER, evaluate_shards, table_row, write_results
-    from liqe_dist.hardware import resolve_device, resolve_precision
+    from liqe_dist.hardware import precision_name, resolve_device, resolve_precision
     from liqe_dist.models.registry import build_model, load_model
-    from liqe_dist.train.config import TrainConfig
+    from liqe_dist.outputs import claim_dir
+    from liqe_dist.provenance import config_text, write_config, write_run_record
+    from liqe_dist.train.config import TrainConfig, resolved_config
 
     device = resolve_device(args.device)
     precision = args.precision and resolve_precision(args.precision, str(device))
@@ -328,14 +375,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
             model_cfg = dataclasses.replace(cfg.model, **changes)
         except TypeError:
             raise ConfigError(f"--model/--pretrained do not apply to a {cfg.model.family} model") from None
+        cfg = dataclasses.replace(cfg, model=model_cfg)
+        if args.print_config:
+            print(config_text(resolved_config(cfg)), end="")
+            return 0
         torch.manual_seed(cfg.seed)  # the initial weights training with this config would start from
         model, label, crops = build_model(model_cfg), model_cfg.label, cfg.crops
         shards = args.shards or [d.shards for d in cfg.datasets]
         split = cfg.split if args.split is None else args.split
         batch = cfg.eval_batch
     else:
-        if args.set:
-            raise ConfigError("--set needs --config")
+        if args.set or args.print_config:
+            raise ConfigError(f"{'--set' if args.set else '--print-config'} needs --config")
         model = load_model(args.checkpoint, args.model, args.pretrained, precision or "fp32")
         weights = (Path(args.checkpoint).name if args.checkpoint
                    else f"pretrained {args.pretrained}" if args.pretrained else "random")
@@ -343,6 +394,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         crops, shards, split, batch = default_crops(model), args.shards, args.split or 0, 8
     if not shards:
         raise ConfigError("no shard sets: give SHARDS or --config")
+    if args.out:
+        claim_dir(args.out, "eval", inputs=[*shards, args.checkpoint, args.config])
+        absolute = {k: v and str(Path(v).resolve()) for k, v in (("checkpoint", args.checkpoint),
+                                                                  ("config", args.config))}
+        write_config(args.out, {"shards": [str(Path(d).resolve()) for d in shards], "split": split,
+                                "part": args.part, "crops": to_dict(crops), "batch_images": batch,
+                                "model": args.model, "pretrained": args.pretrained, **absolute,
+                                "train_config": resolved_config(cfg) if args.config else None})
+        write_run_record(args.out, precision=precision_name(model.dtype), device=str(device))
+    log.info("evaluating: %s", describe_run(model, device, crops, batch))
     results = evaluate_shards(model.to(device), shards, split, args.part, crops, batch, args.workers,
                               progress=not args.no_progress)
     what = "whole sets" if args.part == "all" else f"{args.part} part of split {split}"
@@ -385,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and gMAD, resumable)")
     p.add_argument("root", help="the dataset's folder (for csv: the table; with --lists: the image folder; for "
                                 "folder: a folder, a list file of image paths, or a quoted glob)")
-    p.add_argument("--name", help="dataset name (default: the format; for folder: the folder's name)")
+    p.add_argument("--name", help="the set's name, one plain folder name (default: the format; for folder: the "
+                                  "resolved folder's name, a list file's stem or a glob's leading folder)")
     p.add_argument("--drop-duplicates", action="store_true",
                    help="folder: leave out images whose decoded pixels equal an earlier image's (always reported)")
     p.add_argument("--lists", help="reference label lists: a list file, or a folder of split folders 1..10")
@@ -423,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-crops", type=int, help="crops per image for every model (default: each family's own, "
                                                   "LIQE 15, PMT-IQA 4; fewer is faster and less exact)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--check", action="store_true",
+                   help="validate the models (names, weight file headers), the shard inputs and --out, then exit: "
+                        "what a cluster job runs before Ray")
     p.set_defaults(func=cmd_score_shards)
 
     gmad = sub.add_parser("gmad", help="gMAD competition: search the pairs, run the study with people, analyse it"
@@ -450,13 +515,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pairs", help="pairs.csv written by `liqe-dist gmad search`")
     p.add_argument("--db", required=True, help="SQLite file of the answers (made if missing)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
+    p.add_argument("--port", type=int, default=8080, help="port, 0 to 65535 (0: any free port)")
     p.add_argument("--repeat-fraction", type=float,
                    help="share of the pairs shown a second time, for the consistency check (default 0.1)")
     p.add_argument("--repeat-gap", type=int, help="at least this many trials between a pair's two showings "
                                                   "(default 3)")
     p.add_argument("--seed", type=int, help="seed of the participants' schedules (default 0)")
-    p.add_argument("--threads", type=int, default=8, help="request threads")
+    p.add_argument("--threads", type=int, default=8, help="request threads (1 to 256)")
+    p.add_argument("--public-url", help="the address participants open when it is not the listening one "
+                                        "(--host 0.0.0.0, a reverse proxy), e.g. http://lab-pc.local:8080/: "
+                                        "requests naming another host are refused (DNS rebinding)")
     p.set_defaults(func=cmd_gmad_study)
 
     p = gmad.add_parser("analyse", help="aggressiveness and resistance matrices, per-pair preferences, "
@@ -488,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (dotted, value as YAML), e.g. --set optim.lr=1e-5; repeatable")
     p.add_argument("--check", action="store_true", help=CHECK_HELP)
+    p.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="hyper-parameter search: Ray Tune trials, each a distributed training",
@@ -498,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a search key, e.g. --set num_samples=4 or --set train.epochs=2; repeatable")
     p.add_argument("--check", action="store_true", help=CHECK_HELP)
+    p.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("protocol", help="the paper's protocol: train every split (x variants), report medians",
@@ -508,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a protocol key")
     p.add_argument("--check", action="store_true", help=CHECK_HELP)
+    p.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     p.set_defaults(func=cmd_protocol)
 
     p = sub.add_parser("report", help="rebuild a search's results (and a protocol's report) from its folder")
@@ -529,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=int, help="which of the ten splits (0-based; default: the config's, or 0)")
     p.add_argument("--part", choices=["train", "val", "test", "all"], default="test",
                    help="which part of the split; all: every image (cross-dataset evaluation)")
-    p.add_argument("--out", help="write metrics.csv, predictions.csv and scatter.png here")
+    p.add_argument("--out", help="write metrics.csv, predictions.csv, scatter.png, config.yaml and run.json here")
+    p.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
