@@ -127,10 +127,9 @@ def _pack_corpus(args: argparse.Namespace) -> int:
 
 
 def cmd_score_shards(args: argparse.Namespace) -> int:
-    from liqe_dist.eval.score_shards import ModelSpec, check_job, check_models, score_shards
+    from liqe_dist.eval.score_shards import ModelSpec, check_job, score_shards
 
     models = [ModelSpec.parse(m) for m in args.model]
-    check_models(models)  # names and the columns they own, before anything is read
     if args.check:
         job = check_job(args.shards, models, args.out, precision=args.precision, eval_crops=args.eval_crops)
         log.info("%s: valid (%d shard(s) of %s; models %s)", args.out, job.shards, ", ".join(job.sets) or "tar files",
@@ -245,7 +244,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from liqe_dist.config import ConfigError, load_yaml, parse_overrides
     from liqe_dist.provenance import config_text
-    from liqe_dist.run.ray_train import run_training
+    from liqe_dist.outputs import OutputError
+    from liqe_dist.run.ray_train import preflight, run_training
     from liqe_dist.train.config import TrainConfig, resolved_config
 
     cfg = load_yaml(TrainConfig, args.config, parse_overrides(args.set))
@@ -258,7 +258,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(config_text(resolved_config(cfg)), end="")
         return 0
     if args.check:
-        return _checked(args.config, [d.shards for d in cfg.datasets])
+        try:
+            preflight(cfg)
+        except (ConfigError, OutputError) as exc:
+            raise ConfigError(f"{args.config}: {exc}") from None
+        log.info("%s: valid (%s)", args.config, cfg.describe_batches())
+        return 0
     metrics = run_training(cfg, address=args.address)
     best = {k.removeprefix("best/"): v for k, v in metrics.items() if k.startswith("best/") and k.endswith("srcc")}
     log.info("finished: %s; outputs in %s", ", ".join(f"{k} {v:.3f}" for k, v in best.items()), cfg.run_dir)
@@ -358,10 +363,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from liqe_dist.config import ConfigError, load_yaml, parse_overrides, to_dict
     from liqe_dist.eval.scoring import default_crops, describe_run
-    from liqe_dist.eval.shard_eval import TABLE_HEADER, evaluate_shards, table_row, write_results
+    from liqe_dist.eval.shard_eval import TABLE_HEADER, claim_eval_dir, evaluate_shards, table_row, write_results
     from liqe_dist.hardware import precision_name, resolve_device, resolve_precision
     from liqe_dist.models.registry import build_model, load_model
-    from liqe_dist.outputs import claim_dir
     from liqe_dist.provenance import config_text, write_config, write_run_record
     from liqe_dist.train.config import TrainConfig, resolved_config
 
@@ -395,7 +399,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not shards:
         raise ConfigError("no shard sets: give SHARDS or --config")
     if args.out:
-        claim_dir(args.out, "eval", inputs=[*shards, args.checkpoint, args.config])
+        claim_eval_dir(args.out, inputs=[*shards, args.checkpoint, args.config])
         absolute = {k: v and str(Path(v).resolve()) for k, v in (("checkpoint", args.checkpoint),
                                                                   ("config", args.config))}
         write_config(args.out, {"shards": [str(Path(d).resolve()) for d in shards], "split": split,

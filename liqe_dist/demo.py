@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.run_dir)
     if run_dir.exists():
         shutil.rmtree(run_dir)  # the demo always trains from scratch (a kept run would resume)
-    run_dir.mkdir(parents=True)
+    claim_dir(run_dir, "train")  # the training's folder, holding the untrained weights beside the run
     shards = [d.shards for d in cfg.datasets]
 
     print(f"3. scoring the test split with the untrained model ({cfg.model.label}, seed {cfg.seed})")
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     before = evaluate_shards(untrained, shards, cfg.split, "test", cfg.crops, cfg.eval_batch)
 
     print(f"4. training: {cfg.workers} Ray Train workers x DeepSpeed ZeRO-{cfg.optim.zero_stage}, "
-          f"{cfg.total_steps} steps of {cfg.workers} x {cfg.datasets[0].batch_size} images x "
+          f"{cfg.total_steps} steps of {cfg.workers} x {cfg.rank_datasets[0].batch_size} images x "
           f"{cfg.crops.train_crops} crops; progress in {run_dir}/steps.csv")
     from liqe_dist.run.ray_train import run_training
 

@@ -95,6 +95,7 @@ def mark(path: str | os.PathLike, kind: str) -> None:
 
 
 def owned_by(path: str | os.PathLike, kind: str) -> bool:
+    """Whether ``path`` carries the owner record of command ``kind``."""
     record = owner(path)
     return record is not None and record.get("kind") == kind
 
@@ -113,11 +114,13 @@ def check_claim(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.Pat
     if path.exists() and not path.is_dir():
         raise OutputError(f"{what} {out}: exists and is not a folder")
     if path.is_dir() and not owned_by(path, kind):
+        found = owner(path)
+        if found is not None:  # another command's folder, whatever its files look like
+            raise OutputError(f"{what} {out}: is the output of `liqe-dist {found.get('kind')}`, not of this "
+                              f"command; choose a new or empty folder (nothing was changed)")
         if not (_is_empty(path) or (legacy is not None and legacy(path))):
-            found = owner(path)
-            by = f"by `liqe-dist {found.get('kind')}`" if found else "by this command"
-            raise OutputError(f"{what} {out}: holds files not written {by}; choose a new or empty folder "
-                              f"(nothing was changed)")
+            raise OutputError(f"{what} {out}: holds files not written by this command; choose a new or empty "
+                              f"folder (nothing was changed)")
 
 
 def claim_dir(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathLike | None] = (),

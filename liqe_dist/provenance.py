@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from liqe_dist.config import ConfigError
 from liqe_dist.files import atomic_path
 
 CONFIG_FILE = "config.yaml"
@@ -55,28 +56,37 @@ def git_commit() -> dict | None:
     return {"commit": commit, "dirty": bool(dirty)} if commit else None
 
 
-def hardware() -> dict:
-    """The CPU (model, the flags that decide speed and bf16), its core count and the GPUs."""
+def machine() -> dict:
+    """The CPU (model, the flags that decide speed and bf16), its core count and the GPUs this
+    process sees (``gpus`` is None when torch was not loaded: a command that computes nothing on
+    a GPU does not import it to look)."""
     from liqe_dist.hardware import cpu_info
 
     name, flags = cpu_info()
     out: dict[str, Any] = {"cpu": name, "cpu_flags": [f for f in _FLAGS if f in flags], "cpus": os.cpu_count(),
-                           "gpus": []}
+                           "gpus": None}
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        out["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    if torch is not None:
+        out["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+            if torch.cuda.is_available() else []
     return out
+
+
+def launch() -> dict:
+    """The command line and folder of this process: what started a run (a Ray worker records
+    the driver's, passed to it)."""
+    return {"command": list(sys.argv), "cwd": os.getcwd()}
 
 
 def run_record(**used: Any) -> dict:
     """One run's record: command, versions, host, hardware, and ``used`` (precision, device,
-    anything else the run decided at start)."""
+    anything else the run decided at start; ``command``/``cwd`` when another process started it)."""
     from liqe_dist import __version__
 
     return {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": list(sys.argv), "cwd": os.getcwd(), "liqe_dist": __version__, "git": git_commit(),
+            **launch(), "liqe_dist": __version__, "git": git_commit(),
             "python": platform.python_version(), "host": socket.gethostname(), "platform": platform.platform(),
-            "libraries": {lib: _version(lib) for lib in LIBRARIES}, **hardware(), **used}
+            "libraries": {lib: _version(lib) for lib in LIBRARIES}, **machine(), **used}
 
 
 def write_run_record(folder: str | Path, **used: Any) -> dict:
@@ -100,6 +110,7 @@ def config_text(config: dict) -> str:
 
 
 def write_config(folder: str | Path, config: dict) -> None:
+    """``folder/config.yaml``: the resolved ``config`` (replaced in one rename)."""
     with atomic_path(Path(folder) / CONFIG_FILE) as tmp:
         tmp.write_text(config_text(config))
 
@@ -109,5 +120,11 @@ def read_config(folder: str | Path) -> dict | None:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         return None
-    data = yaml.safe_load(path.read_text())
-    return data if isinstance(data, dict) else None
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: unreadable recorded config ({type(exc).__name__}); restore it, or train "
+                          f"under another name") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the recorded config is not a mapping; restore it, or train under another name")
+    return data

@@ -77,7 +77,8 @@ _TSV_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 def tsv_cell(value: Any) -> str:
     """One TSV cell that cannot split a row and no spreadsheet evaluates: :func:`safe_cell`, then
     backslash, tab, CR and LF written ``\\\\ \\t \\r \\n`` and any other control or
-    line-separator character ``\\xNN``/``\\uNNNN`` (file names may hold them all; nothing is lost)."""
+    line-separator character ``\\xNN``/``\\uNNNN`` (file names may hold them all; each escape
+    stands for one character, so the name can be told from the row)."""
     out = []
     for c in str(safe_cell(value)):
         if c in _TSV_ESCAPES:

@@ -16,6 +16,7 @@ head_addr="$(node_addr "${LIQE_NODES[0]}")"
 # Ports: the head's two (GCS, Ray client server) probed free on the head node, starting from a
 # candidate derived from the job id (ray_node.sh); every other port (workers, object manager,
 # agents) picked free by the OS on each node. Ray's temp dir: a fresh one per node (mktemp).
+[[ "${LIQE_RAY_KEEP_TEMP:-0}" == 1 ]] || ray_temp_dir_prune
 ray_tmp="$(ray_temp_dir)"
 
 # Resources per node from SLURM: its CPUs, its GPUs (one Ray Train worker per GPU), and an object
@@ -57,8 +58,10 @@ ray_cluster_stop() {
   if (( ${#ray_pids[@]} )); then slurm_log "stopping this job's Ray"; fi
   ray_stop_nodes
   rm -f "$ray_state/token"
+  ray_temp_dir_remove "$ray_tmp"
 }
 trap ray_cluster_stop EXIT
+trap 'exit 143' TERM  # scancel, preemption, scontrol requeue: stop this job's Ray on the way out
 
 common=(--block --num-cpus="$ray_cpus" --num-gpus="$ray_gpus" --object-store-memory="$ray_store"
   --min-worker-port=0 --max-worker-port=0 --dashboard-agent-listen-port=0 --disable-usage-stats)
@@ -76,7 +79,12 @@ ray_start_nodes() {
     node="${LIQE_NODES[$i]}"
     # shellcheck disable=SC2016  # expanded by the step's shell, on its node
     srun --nodes=1 --ntasks=1 --overlap -w "$node" --output="$ray_state/ray-$node.log" bash -c \
-      'source "$1" && shift && d="$(ray_temp_dir)" && echo "Ray temp dir on ${SLURMD_NODENAME:-$(hostname)}: $d" && exec ray start --temp-dir="$d" "$@"' \
+      'source "$1" && shift && d="$(ray_temp_dir)" || exit 1
+       echo "Ray temp dir on ${SLURMD_NODENAME:-$(hostname)}: $d"
+       trap "ray_temp_dir_remove \"\$d\"" EXIT
+       ray start --temp-dir="$d" "$@" & pid=$!
+       trap "kill -TERM \$pid 2>/dev/null; wait \$pid; exit 143" TERM  # Ray stopped first, then its dir goes
+       wait "$pid"' \
       ray-node "$LIQE_REPO/slurm/ray_node.sh" --address="$LIQE_RAY_ADDRESS" --node-ip-address="$(node_addr "$node")" \
       "${common[@]}" &
     ray_pids+=($!)

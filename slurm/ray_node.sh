@@ -3,6 +3,8 @@
 # the choices a job's Ray makes on a node that other users' jobs share.
 #
 #   ray_temp_dir            a fresh temp dir for this job's Ray on this node (Ray creates it); prints its path
+#   ray_temp_dir_remove D   removes such a dir once the node's Ray has stopped
+#   ray_temp_dir_prune      removes the dirs an earlier, killed run of the same job left on this node
 #   ray_port_first JOBID    the job's first candidate head port (the first of two)
 #   ray_free_ports START    the first of two consecutive ports free on this node, from START on
 
@@ -14,6 +16,27 @@
 ray_temp_dir() {
   local own
   own="$(mktemp -d "/tmp/ray-${SLURM_JOB_ID:?}-XXXXXX")" && echo "$own/r"
+}
+
+# ray_temp_dir_remove DIR: remove a folder ray_temp_dir made (and only such a one), when the
+# job's Ray on this node has stopped: every job would otherwise leave one per node. With
+# LIQE_RAY_KEEP_TEMP=1 it stays (Ray's own logs are in it, for a post-mortem).
+ray_temp_dir_remove() {
+  local own="${1%/r}"
+  [[ "${LIQE_RAY_KEEP_TEMP:-0}" != 1 ]] || return 0
+  [[ "$own" == /tmp/ray-"${SLURM_JOB_ID:?}"-?????? && -d "$own" && -O "$own" ]] || return 0
+  rm -rf -- "$own"
+}
+
+# ray_temp_dir_prune: remove this job id's dirs left by an earlier run of the same job (a requeued
+# job's previous run, killed before it could clean up): that run has ended, as this one runs.
+# Called on the head before any of this run's nodes makes its own.
+ray_temp_dir_prune() {
+  local old
+  for old in /tmp/ray-"${SLURM_JOB_ID:?}"-??????; do
+    [[ -d "$old" && -O "$old" && ! -L "$old" ]] && rm -rf -- "$old"
+  done
+  return 0
 }
 
 # Head ports come in pairs (GCS, Ray client server) from 10000 up to the kernel's ephemeral range

@@ -31,7 +31,8 @@ def test_explicit_choices_are_kept_and_emulated_bf16_warns_once(caplog, monkeypa
         resolve_precision("fp16")
 
 
-def test_this_machine_is_described_and_detected():
+def test_this_machine_is_described_and_detected(monkeypatch):
+    monkeypatch.delenv(hardware.NATIVE_BF16_ENV, raising=False)  # detection itself, not a forced branch
     name, flags = hardware.cpu_info()
     assert name and f"CPU: {name}" in describe()
     assert native_bf16("cpu") == bool({"avx512_bf16", "amx_bf16"} & flags)

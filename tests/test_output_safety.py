@@ -274,7 +274,7 @@ def test_claim_dir_uses_only_new_empty_or_own_folders(tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("x")
     with pytest.raises(OutputError, match="not written by this command"):
         claim_dir(tmp_path / "mine", "eval")
-    with pytest.raises(OutputError, match="liqe-dist eval"):
+    with pytest.raises(OutputError, match="is the output of `liqe-dist eval`, not of this command"):
         claim_dir(tmp_path / "new", "make-synthetic")
     with pytest.raises(OutputError, match="lies inside the input"):
         claim_dir(tmp_path / "mine" / "out", "eval", inputs=[tmp_path / "mine"])

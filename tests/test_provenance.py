@@ -4,6 +4,8 @@ config, naming each changed key; the global batch is explicit."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,7 +55,8 @@ def test_run_records_accumulate(tmp_path):
     write_run_record(tmp_path, precision="bf16")
     runs = json.loads((tmp_path / "run.json").read_text())["runs"]
     assert [r["precision"] for r in runs] == ["fp32", "bf16"]
-    assert run_record()["command"]
+    assert run_record()["command"] == sys.argv and run_record()["cwd"] == os.getcwd()
+    assert run_record(command=["liqe-dist", "train"])["command"] == ["liqe-dist", "train"]  # a driver's, passed on
 
 
 @pytest.mark.parametrize("change, named", [
@@ -95,6 +98,17 @@ def test_train_refuses_a_changed_resume_before_ray_starts(tmp_path, caplog):
     (tmp_path / "train.yaml").write_text((run / "config.yaml").read_text())
     assert main(["train", "--config", str(tmp_path / "train.yaml"), "--set", "optim.lr=3e-5"]) == 2
     assert "optim.lr: 0.0001 -> 3e-05" in caplog.text and not ray.is_initialized()
+    # --check (what a SLURM job runs before its cluster) refuses it too, and accepts the same config
+    caplog.clear()
+    assert main(["train", "--config", str(tmp_path / "train.yaml"), "--set", "optim.lr=3e-5", "--check"]) == 2
+    assert "optim.lr: 0.0001 -> 3e-05" in caplog.text
+    assert main(["train", "--config", str(tmp_path / "train.yaml"), "--set", "epochs=9", "--check"]) == 0
+    # a run folder that is not a training's
+    (tmp_path / "runs" / "other").mkdir()
+    (tmp_path / "runs" / "other" / "notes.txt").write_text("mine")
+    assert main(["train", "--config", str(tmp_path / "train.yaml"), "--set", "name=other", "--check"]) == 2
+    assert main(["train", "--config", str(tmp_path / "train.yaml"), "--set", "name=other"]) == 2
+    assert os.listdir(tmp_path / "runs" / "other") == ["notes.txt"] and not ray.is_initialized()
 
 
 def test_print_config_is_the_resolved_config(tmp_path, capsys):

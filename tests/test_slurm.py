@@ -6,6 +6,7 @@ Needs root (to install slurm-wlm and munge) or SLURM already installed; skipped 
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 import re
@@ -60,7 +61,9 @@ class Cluster:
         cmd = ["sbatch", "--parsable", f"--output={out}", *sbatch, str(REPO / script), *args]
         proc = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
-        return proc.stdout.strip().split(";")[0]
+        job = proc.stdout.strip().split(";")[0]
+        SUBMITTED[job] = time.time() - 1  # job ids restart with each test cluster: older runs' dirs are not its
+        return job
 
     def job(self, job_id: str) -> dict[str, str]:
         proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=self.env, capture_output=True,
@@ -93,11 +96,23 @@ def ray_processes(job_id: str) -> list[str]:
     return found
 
 
+SUBMITTED: dict[str, float] = {}  # job id -> when it was submitted
+
+
+def job_temp_dirs(job_id: str) -> list[str]:
+    """The job's Ray temp dirs (made since it was submitted) still on the nodes."""
+    return [d for d in glob.glob(f"/tmp/ray-{job_id}-*") if os.path.getctime(d) >= SUBMITTED.get(job_id, 0)]
+
+
 def assert_no_ray_left(job_id: str, grace: float = 15) -> None:
+    """No Ray process of the job runs any more, and no temp dir of it is left on the nodes."""
     deadline = time.time() + grace  # a worker notices its raylet's end within seconds
     while (left := ray_processes(job_id)) and time.time() < deadline:
         time.sleep(0.5)
     assert left == [], left
+    while (dirs := job_temp_dirs(job_id)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert dirs == [], dirs
 
 
 def daemons(folder: Path) -> list[str]:
@@ -249,7 +264,8 @@ def test_requeued_search_resumes_and_runs_every_trial_once(cluster, shards, tmp_
     log = tmp_path / "tune.out"
     job = cluster.submit("slurm/tune.sbatch", str(search), sbatch=("--nodes=1", *TWO_NODES[1:]), out=log)
     deadline = time.time() + 500
-    while not (exp / "trial_00001" / "checkpoints" / "step-00000002" / "rank-1.pt").exists():
+    step2 = exp / "trial_00001" / "checkpoints" / "step-00000002"
+    while not all((step2 / f).exists() for f in ("model.safetensors", "rank-0.pt", "rank-1.pt")):  # complete
         assert cluster.job(job)["JobState"] in ("RUNNING", "PENDING"), log.read_text()
         assert time.time() < deadline, f"the second trial never checkpointed\n{log.read_text()}"
         time.sleep(0.5)
@@ -348,7 +364,7 @@ def test_a_prepared_ray_temp_dir_is_not_used(cluster, tmp_path):
     script = tmp_path / "cluster.sbatch"
     script.write_text(CLUSTER_ONLY)
     log = tmp_path / "cluster.out"
-    job = cluster.submit(str(script), sbatch=("--hold", *TWO_NODES), out=log)
+    job = cluster.submit(str(script), sbatch=("--hold", "--export=ALL,LIQE_RAY_KEEP_TEMP=1", *TWO_NODES), out=log)
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     planted = Path(f"/tmp/ray-{job}")
@@ -371,6 +387,8 @@ def test_a_prepared_ray_temp_dir_is_not_used(cluster, tmp_path):
         assert used[0] != used[1]
     finally:
         planted.unlink()
+        for kept in job_temp_dirs(job):  # kept for this look (LIQE_RAY_KEEP_TEMP): ours to remove
+            shutil.rmtree(kept)
     assert_no_ray_left(job)
 
 

@@ -15,7 +15,7 @@ from dist_workers import train_configs_rank, train_rank
 from liqe_dist.dist.local_group import free_local_port as free_port
 from shard_fixtures import pack_csv, write_csv_dataset
 from liqe_dist.models.weights import load_weights
-from liqe_dist.config import load_yaml, to_dict
+from liqe_dist.config import ConfigError, load_yaml, to_dict
 from liqe_dist.data.crops import CropConfig
 from liqe_dist.dist.engine import OptimConfig
 from liqe_dist.models.liqe.config import LIQEConfig
@@ -194,6 +194,10 @@ def test_killed_worker_resumes_from_checkpoint(shards, monkeypatch):
     assert resumes[0]["redone_steps"] <= 4  # no more than one checkpoint interval lost
     assert events[-1] == {**events[-1], "event": "finish", "step": 16}
     assert json.loads((run / "ranks" / "rank-1.json").read_text())["pid"] != killed["pid"]  # a new process took over
+    import sys
+
+    starts = json.loads((run / "run.json").read_text())["runs"]  # the driver's command, not a Ray worker's
+    assert len(starts) == 2 and all(r["command"] == sys.argv and r["cwd"] == str(base) for r in starts)
 
 
 def test_missing_shards_fail_before_ray_starts(tmp_path):
@@ -201,7 +205,7 @@ def test_missing_shards_fail_before_ray_starts(tmp_path):
     import ray
 
     cfg = config(tmp_path, tmp_path / "nope", tmp_path / "nope2")
-    with pytest.raises(FileNotFoundError, match="nope.*no manifest"):
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.shards: .*nope.*no manifest"):
         run_training(cfg)
     assert not ray.is_initialized()
 

@@ -39,12 +39,12 @@ from typing import Iterator
 from tqdm import tqdm
 
 from liqe_dist.data.images import MAX_PIXELS, ImageDecodeError, decode_image, is_image_path, read_image_file
-from liqe_dist.data.packing import (FORMAT, MANIFEST, REJECTS, PackingError, ShardSink, check_set_dir,
+from liqe_dist.data.packing import (FORMAT, MANIFEST, REJECTS, PackingError, ShardSink, build_dir, check_set_dir,
                                     new_build_dir, recover_swap, set_lock, swap_in, unchanged_set)
 from liqe_dist.data.parallel import ordered_map
 from liqe_dist.data.records import labels_to_json, make_key
 from liqe_dist.files import atomic_path
-from liqe_dist.outputs import InputGuard, owned_by, plain_name
+from liqe_dist.outputs import InputGuard, plain_name
 from liqe_dist.tables import tsv_line
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def pack_corpus(source: str | Path, out_dir: Path, name: str, cfg: CorpusConfig 
         if old is not None:
             return CorpusResult(out_dir, old["samples"], old["rejected"], old["duplicates"], old["dropped"],
                                 len(old["shards"]), sum(s["bytes"] for s in old["shards"]), True, 0)
-        build = out_dir.parent / f".{out_dir.name}.building"
+        build = build_dir(out_dir)
         state = _load_progress(build, options) if not force else None
         entries, listing, restarted = list_corpus(source), hashlib.sha256(), False
         if state is not None:
@@ -239,14 +239,15 @@ def pack_corpus(source: str | Path, out_dir: Path, name: str, cfg: CorpusConfig 
 
 def _load_progress(build: Path, options: str) -> dict | None:
     """What a killed pack of the same source and options finished, or None to start over."""
-    if not owned_by(build, "pack"):
-        return None
     try:
         state = json.loads((build / PROGRESS).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(state, dict) or state.get("options") != options or "listing" not in state:
+    if not isinstance(state, dict) or state.get("options") != options:
         log.info("%s: left by a pack of other inputs or options; starting over", build)
+        return None
+    if "listing" not in state:
+        log.info("%s: left by an older version, which kept no fingerprint of the listing; starting over", build)
         return None
     return state
 

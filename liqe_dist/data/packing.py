@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import BinaryIO, Callable, Iterable, Literal
 
 import webdataset as wds
 from tqdm import tqdm
@@ -188,13 +189,20 @@ def check_set_dir(out_dir: Path, inputs: Iterable[str | os.PathLike | None] = ()
 
 
 def _is_build(path: Path) -> bool:
-    return owned_by(path, OWNER_KIND)
+    """A folder a pack was building: marked so (or, made by a version before marks, holding a
+    corpus pack's progress file)."""
+    return owned_by(path, OWNER_KIND) or (path / "progress.json").is_file()
+
+
+def build_dir(out_dir: Path) -> Path:
+    """Where the set ``out_dir`` is built before it is swapped in: ``.NAME.building`` beside it."""
+    return out_dir.parent / f".{out_dir.name}.building"
 
 
 def new_build_dir(out_dir: Path) -> Path:
-    """An empty, marked ``.NAME.building`` beside ``out_dir`` (one a killed pack left is removed:
-    the lock says none is running, and its mark says it is a pack's)."""
-    build = out_dir.parent / f".{out_dir.name}.building"
+    """An empty, marked :func:`build_dir` (one a killed pack left is removed: the lock says none
+    is running, and its mark says it is a pack's)."""
+    build = build_dir(out_dir)
     remove_owned(build, _is_build)
     build.mkdir()
     mark(build, OWNER_KIND)
@@ -232,6 +240,7 @@ def swap_in(build: Path, out_dir: Path) -> None:
     recoverable by :func:`recover_swap`."""
     old = out_dir.parent / f".{out_dir.name}.old"
     remove_owned(old, is_shard_set)
+    check_set_dir(out_dir)  # again at the last moment: a pack can take hours, the folder can change
     if out_dir.exists():
         os.rename(out_dir, old)
     os.rename(build, out_dir)
@@ -264,10 +273,9 @@ def unchanged_set(out_dir: Path, fingerprint: str) -> dict | None:
     return None
 
 
-def read_back(path: Path) -> list[str]:
-    """The keys WebDataset's own tar reader finds in the shard ``path``, in order."""
-    with open(path, "rb") as f:
-        return [s["__key__"] for s in group_by_keys(dict(e, __url__=str(path)) for e in tar_file_iterator(f))]
+def read_back(stream: BinaryIO, path: Path) -> list[str]:
+    """The keys WebDataset's own tar reader finds in the shard ``stream`` (the file ``path``), in order."""
+    return [s["__key__"] for s in group_by_keys(dict(e, __url__=str(path)) for e in tar_file_iterator(stream))]
 
 
 class ShardSink:
@@ -308,15 +316,16 @@ class ShardSink:
     def _close(self) -> None:
         self._writer.close()
         self._file.close()
+        data = self._partial.read_bytes()  # once: read back through WebDataset, and hashed
         try:
-            found = read_back(self._partial)
+            found = read_back(io.BytesIO(data), self._partial)
         except (OSError, ValueError) as exc:  # what WebDataset raises on a tar it cannot group
             raise PackingError(f"{self._path}: WebDataset cannot read the shard just written ({exc}); nothing "
                                f"was replaced") from None
         if found != self._keys:
             raise PackingError(f"{self._path}: wrote {len(self._keys)} sample(s), WebDataset reads {len(found)} "
                                f"({', '.join(found[:3])}...); nothing was replaced")
-        digest = hashlib.sha256(self._partial.read_bytes()).hexdigest()
+        digest = hashlib.sha256(data).hexdigest()
         self._partial.replace(self._path)
         self.shards.append({"name": self._path.name, "samples": self._count,
                             "bytes": self._path.stat().st_size, "sha256": digest})

@@ -213,8 +213,10 @@ def collate_eval(items: list[tuple[CropSample | None, int, int]]) -> dict | None
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A packed shard set and its per-rank mini-batch size (reference: 4 for LIVE, CSIQ, BID,
-    CLIVE; 16 for KonIQ-10k and KADID-10k): an entry of a training config's ``datasets``."""
+    """A packed shard set and its mini-batch size (reference: 4 for LIVE, CSIQ, BID, CLIVE; 16
+    for KonIQ-10k and KADID-10k): an entry of a training config's ``datasets``. The size is each
+    rank's, or the global one when the config says ``batch_is_global`` (:attr:`TrainConfig.rank_datasets`
+    gives each rank's)."""
 
     name: str
     shards: str

@@ -67,6 +67,11 @@ MANIFEST = "manifest.json"
 FORMAT = "liqe-dist/scores-1"
 BASE_COLUMNS = ("key", "shard", "source", "width", "height", "content_hash", "error")
 MAX_ATTEMPTS = 3
+# Each finished part's record is appended to this journal at once (the manifest, rewritten once
+# per part, would cost O(parts^2) bytes over a corpus of 10^5 shards); a run folds the journal
+# into the manifest when it starts and when it ends. A line cut short by a kill is ignored (that
+# part is scored again).
+PARTS_JOURNAL = "parts.jsonl"
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip format
 PICKLE_PROTO = 0x80          # torch.save's legacy format starts with a pickle protocol opcode
@@ -449,6 +454,7 @@ def _check_manifest(out_dir: Path, entries: dict[str, dict], precision: str, eva
         _refuse_other_setup(out_dir, old, {n: e["sha256"] for n, e in entries.items()}, precision, eval_crops)
         if not isinstance(old.get("parts"), dict):
             old["parts"] = {}  # written before parts were recorded: every part file is scored again
+        old["parts"].update(_journal_records(out_dir))
         return old
     manifest = {"format": FORMAT, "models": entries, "precision_requested": precision,
                 "eval_crops": eval_crops,  # None: each family's own count (LIQE 15, PMT-IQA 4)
@@ -461,9 +467,29 @@ def _check_manifest(out_dir: Path, entries: dict[str, dict], precision: str, eva
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
-    """Replace the manifest in one rename (a reader sees the old one or the new one)."""
+    """Replace the manifest in one rename (a reader sees the old one or the new one); the parts
+    journal it now holds goes."""
     with atomic_path(out_dir / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))
+    (out_dir / PARTS_JOURNAL).unlink(missing_ok=True)
+
+
+def _journal_records(out_dir: Path) -> dict[str, dict]:
+    """The part records a run appended to the journal (:data:`PARTS_JOURNAL`) and did not fold
+    into the manifest (it was killed); a line that is not a whole record is left out."""
+    records: dict[str, dict] = {}
+    try:
+        lines = (out_dir / PARTS_JOURNAL).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return records
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("record"), dict):
+            records[entry["name"]] = entry["record"]
+    return records
 
 
 def distrust(job: ShardJob, record: object, setup: str) -> str:
@@ -506,9 +532,13 @@ def _trusted_parts(jobs: list[ShardJob], parts: dict, setup: str, summary: Score
     return done
 
 
-def _record_part(parts: dict, job: ShardJob, result: dict, setup: str) -> None:
-    parts[Path(job.out).name] = {"rows": result["images"], "sha256": result["sha256"], "models": setup,
-                                 "duplicate_keys": result["duplicate_keys"]}
+def _record_part(out_dir: Path, parts: dict, job: ShardJob, result: dict, setup: str) -> None:
+    """Record a finished part (after its file's rename): in ``parts`` and, at once, the journal."""
+    name = Path(job.out).name
+    parts[name] = {"rows": result["images"], "sha256": result["sha256"], "models": setup,
+                   "duplicate_keys": result["duplicate_keys"]}
+    with open(out_dir / PARTS_JOURNAL, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"name": name, "record": parts[name]}) + "\n")
 
 
 @dataclass(frozen=True)
@@ -546,12 +576,12 @@ def score_shards(inputs: list[str | Path], models: list[ModelSpec], out_dir: str
     digests = {m.name: file_sha256(m.checkpoint) for m in models}
     entries = _model_entries(models, digests)
     claim_dir(out_dir, KIND, inputs, "--out", legacy=is_scores_folder)  # after every check: a refusal writes nothing
+    manifest = _check_manifest(out_dir, entries, precision, eval_crops, sets, jobs)
     write_config(out_dir, {"inputs": [str(Path(i).resolve()) for i in inputs],
                            "models": {m.name: str(Path(m.checkpoint).resolve()) for m in models},
                            "precision": precision, "device": device, "batch_images": batch_images,
                            "eval_crops": eval_crops, "workers": workers, "cpus_per_worker": cpus_per_worker,
                            "decode_workers": decode_workers})
-    manifest = _check_manifest(out_dir, entries, precision, eval_crops, sets, jobs)
     setup = models_hash(entries, precision, eval_crops)
     parts = manifest["parts"]
     summary = ScoreSummary()
@@ -581,8 +611,8 @@ def score_shards(inputs: list[str | Path], models: list[ModelSpec], out_dir: str
             log.warning("%s: %d key(s) appear more than once in the shard (first: %s); gmad search refuses "
                         "scores with duplicate keys", job.path, result["duplicate_keys"],
                         ", ".join(f"{k!r} x{n}" for k, n in result["duplicates"]))
-        _record_part(parts, job, result, setup)
-        write_manifest(out_dir, manifest)  # after the part's rename: a kill in between means one rescore
+        _record_part(out_dir, parts, job, result, setup)  # after the part's rename: a kill in between
+                                                          # means one rescore
         runs.append(result)
         bar.update(result["images"])
 

@@ -8,7 +8,6 @@ the rest are scored.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from liqe_dist.data.crops import CropConfig, ImageShapeError, eval_crops
 from liqe_dist.hardware import precision_name, resolve_device
+from liqe_dist.tables import csv_writer
 from liqe_dist.data.images import ImageDecodeError, decode_image, is_image_path, to_rgb
 from liqe_dist.models.base import IQAModel
 
@@ -209,10 +209,10 @@ def write_scores(results: Iterable[ImageScore], stream: IO[str], fmt: str = "csv
         if fmt == "jsonl":
             stream.write(json.dumps(row) + "\n")
         else:
-            if writer is None:
-                writer = csv.DictWriter(stream, fieldnames=list(row))
-                writer.writeheader()
-            writer.writerow(row)
+            if writer is None:  # text cells (file names) escaped against formula injection
+                writer = csv_writer(stream)
+                writer.writerow(list(row))
+            writer.writerow(list(row.values()))
         stream.flush()
         n += 1
     return n

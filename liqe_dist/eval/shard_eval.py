@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from liqe_dist.data.stream import EvalSamples, collate_eval
 from liqe_dist.eval.metrics import Correlation, correlation
 from liqe_dist.models.base import IQAModel, Prediction
 from liqe_dist.outputs import claim_dir
+from liqe_dist.tables import csv_writer
 
 
 @dataclass
@@ -146,29 +148,35 @@ def _accuracy(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.3f}"
 
 
-def write_results(results: dict[str, DatasetEval], out_dir: str | Path, part: str) -> None:
-    """``metrics.csv`` (one row per dataset), ``predictions.csv`` and ``scatter.png`` in ``out_dir``."""
-    import csv
+def claim_eval_dir(out_dir: str | Path, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """``out_dir`` as ``eval``'s output folder (:func:`liqe_dist.outputs.claim_dir`; one it wrote
+    before folders were marked has its metrics and predictions)."""
+    return claim_dir(out_dir, "eval", inputs,
+                     legacy=lambda p: (p / "metrics.csv").is_file() and (p / "predictions.csv").is_file())
 
+
+def write_results(results: dict[str, DatasetEval], out_dir: str | Path, part: str) -> None:
+    """``metrics.csv`` (one row per dataset), ``predictions.csv`` and ``scatter.png`` in ``out_dir``
+    (text cells escaped: :mod:`liqe_dist.tables`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = claim_dir(out_dir, "eval")
-    with open(out / "metrics.csv", "w", newline="") as f:
-        w = csv.writer(f)
+    out = claim_eval_dir(out_dir)
+    with open(out / "metrics.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        w = csv_writer(f)
         w.writerow(["dataset", "part", "images", "srcc", "krcc", "plcc", "rmse", "scene_acc", "distortion_acc",
                     "skipped", "note"])
         for ev in results.values():
             q = ev.quality
             w.writerow([ev.dataset, part, q.n, q.srcc, q.krcc, q.plcc, q.rmse, ev.scene_accuracy,
                         ev.distortion_accuracy, ev.skipped, q.note])
-    with open(out / "predictions.csv", "w", newline="") as f:
-        w = csv.writer(f)
+    with open(out / "predictions.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        w = csv_writer(f)
         w.writerow(["dataset", "key", "score", "mos"])
         for ev in results.values():
-            w.writerows([ev.dataset, k, f"{s:.6f}", m] for k, s, m in zip(ev.keys, ev.score, ev.mos))
+            w.writerows([ev.dataset, k, round(float(s), 6), m] for k, s, m in zip(ev.keys, ev.score, ev.mos))
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4), squeeze=False)
     for ax, ev in zip(axes[0], results.values()):
         ax.scatter(ev.mos, ev.score, s=12, alpha=0.7)

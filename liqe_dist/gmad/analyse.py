@@ -226,7 +226,8 @@ def run_analysis(db_path: str | Path, pairs_path: str | Path, out_dir: str | Pat
     a text summary."""
     pairs = read_pairs(pairs_path, need_images=False)
     analysis = analyse(pairs, read_study(db_path), same_weight)
-    out = claim_dir(out_dir, KIND, [db_path, pairs_path])
+    out = claim_dir(out_dir, KIND, [db_path, pairs_path],  # a folder analysed before marks: its own files
+                    legacy=lambda p: all((p / f).is_file() for f in ("aggressiveness.csv", "resistance.csv")))
     write_config(out, {"db": str(Path(db_path).resolve()), "pairs": str(Path(pairs_path).resolve()),
                        "same_weight": same_weight})
     write_run_record(out, participants=analysis.participants, judgments=analysis.judgments)

@@ -123,7 +123,8 @@ def claim_out(out_dir: str | Path, corpus: Corpus, shards: list[str | Path] = ()
     """``out_dir`` claimed for this command, apart from its inputs: the scores folder and the
     shard sets the images come from."""
     inputs = [corpus.folder, *corpus.manifest.get("inputs", []), *shards]
-    return claim_dir(out_dir, KIND, [i for i in inputs if i is not None])
+    return claim_dir(out_dir, KIND, [i for i in inputs if i is not None],
+                     legacy=lambda p: all((p / f).is_file() for f in ("pairs.csv", "summary.csv", "index.html")))
 
 
 def clear_previous(out: Path) -> None:

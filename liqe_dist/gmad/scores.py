@@ -7,7 +7,7 @@ error or a non-finite score of a searched model are left out and counted.
 
 Rules:
 - The manifest must be a JSON object; its ``inputs`` a list of paths. Errors name the file.
-- Model names must be plain names (:func:`liqe_dist.outputs.plain_name`): they name files.
+- Model names follow score-shards' rule (:func:`liqe_dist.eval.score_shards.check_name`): they name columns and files.
 - The part files read are the ones the manifest lists (``parts``, when it has them; unlisted
   ones are left out with a warning), else every ``*.parquet``; each one's schema is checked: a
   file lacking a column, or with a model column that is not numeric, is an error naming both.
@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 from liqe_dist.gmad.search import GMADError
-from liqe_dist.outputs import OutputError, plain_name
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +53,14 @@ TEXT_COLUMNS = ("key", "shard", "source", "content_hash", "error")
 
 
 def check_model_names(models: list[str]) -> None:
-    """GMADError unless every model name can name a file (the sheets are ``D_vs_A.png``)."""
+    """GMADError unless every model name is one score-shards accepts (a plain name: the sheets
+    are ``D_vs_A.png``)."""
+    from liqe_dist.eval.score_shards import ScoreShardsError, check_name
+
     for m in models:
         try:
-            plain_name(m, "model name")
-        except OutputError as exc:
+            check_name(m)
+        except ScoreShardsError as exc:
             raise GMADError(str(exc)) from None
 
 

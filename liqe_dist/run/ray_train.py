@@ -18,10 +18,11 @@ import math
 import os
 from pathlib import Path
 
+from liqe_dist import provenance
 from liqe_dist.config import from_dict
 from liqe_dist.data.packing import check_labelled_set, read_manifest
 from liqe_dist.hardware import process_group_backend
-from liqe_dist.outputs import claim_dir
+from liqe_dist.outputs import check_claim, claim_dir
 from liqe_dist.train.config import TrainConfig, resolved_config
 from liqe_dist.train.state import check_resume
 
@@ -37,7 +38,7 @@ def _train_loop(loop_config: dict) -> None:
     setup_logging()
     cfg = from_dict(TrainConfig, loop_config["config"])
     route_worker_output(Path(cfg.run_dir) / "logs", ray.train.get_context().get_world_rank())
-    train_worker(cfg, report=ray.train.report)
+    train_worker(cfg, report=ray.train.report, launch=loop_config.get("launch"))
 
 
 # Workers' output stays in their run folders (console.route_worker_output) and Ray's session logs;
@@ -82,9 +83,11 @@ def connect(address: str | None, cpus: float) -> None:
         start_local_cluster(max(os.cpu_count() or 1, math.ceil(cpus)))
 
 
-def make_trainer(cfg: TrainConfig, callbacks: list | None = None):
+def make_trainer(cfg: TrainConfig, callbacks: list | None = None, launch: dict | None = None):
     """The TorchTrainer of one run: ``cfg.workers`` workers running :func:`_train_loop`; Ray
-    Train's own files go next to the run folder (``OUT_DIR/ray/NAME``)."""
+    Train's own files go next to the run folder (``OUT_DIR/ray/NAME``). ``launch``: the command
+    line and folder the run was started from (:func:`liqe_dist.provenance.launch`), for its
+    ``run.json`` (the workers' own are Ray's)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
@@ -105,7 +108,7 @@ def make_trainer(cfg: TrainConfig, callbacks: list | None = None):
     run_dir = Path(cfg.run_dir).resolve()
     return Trainer(
         _train_loop,
-        train_loop_config={"config": resolved_config(cfg)},
+        train_loop_config={"config": resolved_config(cfg), "launch": launch or provenance.launch()},
         torch_config=TorchConfig(backend=process_group_backend(cfg.use_gpu)),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.resolved_cpus_per_worker},
@@ -116,15 +119,26 @@ def make_trainer(cfg: TrainConfig, callbacks: list | None = None):
     )
 
 
-def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
-    """Train with ``cfg.workers`` Ray Train workers; returns the run's summary (:func:`run_summary`).
-    Everything that can be checked is, before a cluster starts: the shard sets, the run folder
-    (new, or one a training wrote), and that a run with checkpoints there has this config."""
+def _was_run(folder: Path) -> bool:
+    """A run folder of a version before folders were marked (its event log)."""
+    return (folder / "events.jsonl").is_file()
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """What a run needs, checked without Ray (``train --check`` and every start): labelled shard
+    sets, a run folder that is new or a training's, and a config a run with checkpoints there
+    may resume under (:func:`liqe_dist.train.state.check_resume`)."""
     for i, d in enumerate(cfg.datasets):
         check_labelled_set(d.shards, f"datasets[{i}].shards")
-    claim_dir(cfg.run_dir, "train", inputs=[d.shards for d in cfg.datasets], what="run folder",
-              legacy=lambda p: (p / "events.jsonl").is_file())
+    check_claim(cfg.run_dir, "train", inputs=[d.shards for d in cfg.datasets], what="run folder", legacy=_was_run)
     check_resume(cfg)
+
+
+def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
+    """Train with ``cfg.workers`` Ray Train workers; returns the run's summary (:func:`run_summary`).
+    Everything :func:`preflight` checks is checked before a cluster starts."""
+    preflight(cfg)
+    claim_dir(cfg.run_dir, "train", inputs=[d.shards for d in cfg.datasets], what="run folder", legacy=_was_run)
     log.info("%s", cfg.describe_batches())
     connect(address, cfg.workers * cfg.resolved_cpus_per_worker + 1)
     from liqe_dist.console import follow_console
@@ -133,7 +147,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
              cfg.workers, "GPU" if cfg.use_gpu else "CPU", cfg.total_steps, cfg.run_dir)
 
     with follow_console(Path(cfg.run_dir) / "logs"):
-        make_trainer(cfg).fit()
+        make_trainer(cfg, launch=provenance.launch()).fit()
     return run_summary(cfg.run_dir)
 
 

@@ -146,8 +146,9 @@ def read_record(record: torch.Tensor, tasks: tuple[str, ...]) -> dict:
             "images": int(v[1 + 2 * n]), "skipped": int(v[2 + 2 * n]), "lambda_spread": max(v[3 + 2 * n:])}
 
 
-def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
-    """Run (or resume) training on this rank; returns the final metrics."""
+def train_worker(cfg: TrainConfig, report: Reporter | None = None, launch: dict | None = None) -> dict:
+    """Run (or resume) training on this rank; returns the final metrics. ``launch``: the command
+    line and folder that started the run, when that was another process (a Ray driver)."""
     r, world = rank(), world_size()
     run_dir = Path(cfg.run_dir)
     _write_rank_info(run_dir / "ranks", r)
@@ -167,8 +168,7 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None) -> dict:
     latest = latest_checkpoint(ckpt_dir, world)
     if r == 0:
         record_run(cfg, precision=precision_name(engine.module.dtype), device=str(device), world=world,
-                   resumed_from=str(latest) if latest is not None else None)
-        log.info("%s", cfg.describe_batches())
+                   resumed_from=str(latest) if latest is not None else None, **(launch or {}))
     if latest is not None:
         state = load_training_checkpoint(latest, engine, scheduler, weighting, r, world)
         step = int(state["step"])

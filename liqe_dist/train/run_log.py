@@ -15,14 +15,17 @@ import logging
 import time
 from pathlib import Path
 
+from liqe_dist.tables import csv_writer
+
 log = logging.getLogger("liqe_dist.train")
 
 
 class RunLog:
     def __init__(self, run_dir: Path, enabled: bool = True, every: int = 10, total_steps: int | None = None,
                  start_step: int = 0):
-        """``start_step``: the step a resumed run goes on from; TensorBoard drops the events
-        after it (steps a crashed run did past its last checkpoint), so no step shows twice."""
+        """``start_step``: the step a run goes on from (0: a new run); TensorBoard drops the events
+        after it (steps a crashed run did past its last checkpoint, or before any), so no step
+        shows twice."""
         self.dir = Path(run_dir)
         self.enabled = enabled
         self.every = every
@@ -33,7 +36,7 @@ class RunLog:
             self.dir.mkdir(parents=True, exist_ok=True)
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.dir / "tb"), purge_step=start_step + 1 if start_step else None)
+            self._tb = SummaryWriter(str(self.dir / "tb"), purge_step=start_step + 1)
 
     def _scalars(self, m: dict) -> None:
         for k, v in m.items():
@@ -118,12 +121,12 @@ class RunLog:
             return
         folder = self.dir / "predictions"
         folder.mkdir(exist_ok=True)
-        with open(folder / f"step-{step:08d}.csv", "w", newline="") as f:
-            w = csv.writer(f)
+        with open(folder / f"step-{step:08d}.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            w = csv_writer(f)  # keys come from file names: escaped against formula injection
             w.writerow(["dataset", "key", "score", "mos"])
             for name, ev in results.items():
                 for k, s, mos in zip(ev.keys, ev.score, ev.mos):
-                    w.writerow([name, k, f"{s:.6f}", mos])
+                    w.writerow([name, k, round(float(s), 6), mos])
 
     def plots(self) -> None:
         """``curves.png`` (losses, weights, eval SRCC) and ``scatter.png`` from the CSVs (rank 0, end of run)."""

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Hashable, Literal
 
 from liqe_dist.config import TAG, ConfigError, _check, apply_overrides, flatten, from_dict, merge, read_yaml, to_dict
-from liqe_dist.outputs import plain_name
+from liqe_dist.outputs import OutputError, check_claim, plain_name
 from liqe_dist.train.config import TrainConfig
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -218,6 +218,9 @@ def load_search(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
     return search
 
 
+EXPERIMENT_KIND = "tune"  # the owner of an experiment folder (a search's or a protocol's)
+
+
 def check_experiment_folder(search: SearchConfig) -> None:
     """STORAGE/NAME can take ``search``: a new folder, or one started with this same search
     (then resumed). A file there, or a folder holding another search, is refused now rather
@@ -227,8 +230,10 @@ def check_experiment_folder(search: SearchConfig) -> None:
 
     search = with_absolute_paths(search)
     exp = search.experiment_dir
-    if exp.exists() and not exp.is_dir():
-        raise ConfigError(f"name: the experiment folder {exp} exists and is not a folder")
+    try:
+        check_claim(exp, EXPERIMENT_KIND, what="the experiment folder", legacy=lambda p: (p / SEARCH_FILE).exists())
+    except OutputError as exc:
+        raise ConfigError(f"name: {exc}") from None
     saved = exp / SEARCH_FILE
     if saved.exists():
         try:

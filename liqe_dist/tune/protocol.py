@@ -95,6 +95,7 @@ def run_protocol(protocol: ProtocolConfig, address: str | None = None) -> Path:
 
 def score_cross_dataset(protocol: ProtocolConfig) -> None:
     """Score every trial's best weights on each cross-dataset set's whole set (once per trial)."""
+    from liqe_dist.eval.scoring import describe_run
     from liqe_dist.eval.shard_eval import evaluate_shards
     from liqe_dist.models.weights import load_weights
 
@@ -106,6 +107,8 @@ def score_cross_dataset(protocol: ProtocolConfig) -> None:
         params = json.loads((trial_dir / "params.json").read_text())
         cfg = search.trial_config(params)
         model = load_weights(weights)
+        log.info("%s: cross-dataset scoring: %s", trial_dir.name, describe_run(model, model.device, cfg.crops,
+                                                                              cfg.eval_batch))
         scores = {}
         for shards in protocol.cross_dataset:
             for name, ev in evaluate_shards(model, [shards], 0, "all", cfg.crops, cfg.eval_batch,

@@ -18,9 +18,10 @@ from ray.tune import Callback
 
 from liqe_dist.config import ConfigError, describe_changes
 from liqe_dist.files import atomic_path
-from liqe_dist.provenance import write_config, write_run_record
+from liqe_dist.provenance import launch, write_config, write_run_record
 from liqe_dist.tune.cleanup import experiment_groups, live_groups, remove_groups
-from liqe_dist.tune.config import SearchConfig, corner_trials, search_dict
+from liqe_dist.outputs import claim_dir
+from liqe_dist.tune.config import EXPERIMENT_KIND, SearchConfig, asha_max_t, corner_trials, search_dict
 from liqe_dist.tune.results import SEARCH_FILE, TRIAL_STATUS, trial_dirs, write_results
 from liqe_dist.tune.trial import run_trial, trial_name
 
@@ -52,8 +53,8 @@ def _scheduler(search: SearchConfig):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    max_epochs = max(search.trial_config(p).epochs for p in corner_trials(search))
-    return ASHAScheduler(time_attr="epoch", max_t=max(max_epochs, 1), grace_period=search.scheduler.grace_period,
+    max_t = asha_max_t([search.trial_config(p) for p in corner_trials(search)])  # what --check checked
+    return ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=search.scheduler.grace_period,
                          reduction_factor=search.scheduler.reduction_factor)
 
 
@@ -123,12 +124,13 @@ def run_search(search: SearchConfig, address: str | None = None) -> list[dict]:
     import ray
 
     concurrency = concurrent_trials(search, ray.cluster_resources())
-    exp.mkdir(parents=True, exist_ok=True)
+    claim_dir(exp, EXPERIMENT_KIND, what="the experiment folder", legacy=lambda p: (p / SEARCH_FILE).exists())
     with atomic_path(exp / SEARCH_FILE) as tmp:
         tmp.write_text(json.dumps(search_dict(search), indent=1))
     write_config(exp, search_dict(search))  # each trial's folder records its own training config
     write_run_record(exp, trials_at_a_time=concurrency, resumed=bool(restoring))
-    trainable = tune.with_resources(tune.with_parameters(run_trial, search=search_dict(search)), {"CPU": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, search=search_dict(search), launch=launch()),
+                                    {"CPU": 0.01})
     if restoring and tune.Tuner.can_restore(str(exp)):
         log.info("resuming %s: finished trials are kept, unfinished ones continue from their checkpoints", exp)
         tuner = tune.Tuner.restore(str(exp), trainable, resume_unfinished=True, resume_errored=True,

@@ -28,7 +28,7 @@ def trial_name(trial) -> str:
     return "trial_" + trial.trial_id.rsplit("_", 1)[-1]
 
 
-def run_trial(params: dict[str, Any], search: dict) -> None:
+def run_trial(params: dict[str, Any], search: dict, launch: dict | None = None) -> None:
     """Tune's entry point for a trial with sampled ``params`` (dotted keys, ``variant``). The
     run folder is the trial's folder in the experiment (``get_trial_dir`` would be a staging
     folder on this node, empty again when a restored trial restarts)."""
@@ -41,7 +41,7 @@ def run_trial(params: dict[str, Any], search: dict) -> None:
     cfg = dataclasses.replace(search_cfg.trial_config(params), out_dir=str(search_cfg.experiment_dir),
                               name=tune.get_context().get_trial_name())
     check_resume(cfg)  # a restored trial's checkpoints must be of this trial's config
-    make_trainer(cfg, callbacks=[_all_ranks_report()]).fit()
+    make_trainer(cfg, callbacks=[_all_ranks_report()], launch=launch).fit()
 
 
 def agreed_metrics(per_rank: list[dict]) -> dict:
