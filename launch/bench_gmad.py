@@ -9,7 +9,8 @@
   ``liqe-dist score``'s scorer on the same images (one model, random weights).
 
     bash launch/bench.sh gmad [--parts search,packing,scoring] [--sizes 1e5,1e6,1e7] [--models 3]
-                              [--levels 8] [--kind uniform] [--images 32] [--model liqe-small]
+                              [--levels 8] [--levels-rule toolbox] [--no-reuse] [--images 32]
+                              [--model liqe-small]
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ def peak_rss_mb() -> float:
 
 
 def bench_search(args) -> None:
-    rule = LevelRule(levels=args.levels, kind=args.kind)
+    rule = LevelRule(levels=args.levels, levels_rule=args.levels_rule, reuse=not args.no_reuse)
     print(f"\n# gMAD pair search: {args.models} models ({args.models * (args.models - 1)} ordered pairs), "
-          f"{args.levels} {args.kind} levels")
+          f"{args.levels} {args.levels_rule} levels (default widths), images {'not ' if args.no_reuse else ''}reused")
     print("| images | search s | argsort s | ratio | pairs | peak RSS MB |\n|---|---|---|---|---|---|")
     for n in (int(float(s)) for s in args.sizes.split(",")):
         scores, hashes = corpus(n, args.models)
@@ -156,7 +157,8 @@ def main() -> None:
     p.add_argument("--sizes", default="1e5,1e6,1e7")
     p.add_argument("--models", type=int, default=3)
     p.add_argument("--levels", type=int, default=8)
-    p.add_argument("--kind", choices=["uniform", "quantile"], default="uniform")
+    p.add_argument("--levels-rule", choices=["toolbox", "uniform", "quantile"], default="toolbox")
+    p.add_argument("--no-reuse", action="store_true", help="an image in one pair at most")
     p.add_argument("--images", type=int, default=32, help="images of the packing and scoring benchmarks")
     p.add_argument("--model", default="liqe-small", help="LIQE model of the scoring benchmark")
     args = p.parse_args()

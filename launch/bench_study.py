@@ -58,9 +58,15 @@ class Client:
         return r.status, r.read(), dict(r.getheaders())
 
 
-def trial_round_trip(c: Client, who: str, position: int, write: bool) -> None:
+def token_of(page: bytes) -> str:
+    """The anti-forgery token a page's form carries."""
+    return re.search(rb'name="token" value="([0-9a-f]+)"', page).group(1).decode()
+
+
+def trial_round_trip(c: Client, who: str, position: int, write: bool, token: str) -> None:
     if write:
-        status, _, _ = c.call("POST", f"/p/{who}/answer", {"answer": "left", "position": str(position)})
+        form = {"answer": "left", "position": str(position), "token": token}
+        status, _, _ = c.call("POST", f"/p/{who}/answer", form)
         assert status == 303, status
     status, page, _ = c.call("GET", f"/p/{who}")
     assert status == 200, status
@@ -69,14 +75,20 @@ def trial_round_trip(c: Client, who: str, position: int, write: bool) -> None:
 
 
 def participant(port: int, who: str, write: bool, times: list[float]) -> None:
+    from liqe_dist.gmad.study_db import StudySettings, practice_plan
+
     c = Client(port)
-    assert c.call("POST", "/start", {"participant": who})[0] == 303
-    assert c.call("POST", f"/p/{who}/practice", {"answer": "left"})[0] == 303
+    start_token = token_of(c.call("GET", "/")[1])
+    assert c.call("POST", "/start", {"participant": who, "token": start_token})[0] == 303
+    token = token_of(c.call("GET", f"/p/{who}")[1])
+    for step in practice_plan(who, StudySettings(scale="buttons", schedule="random")):
+        form = {"answer": step.better or "same", "step": str(step.step), "token": token}
+        assert c.call("POST", f"/p/{who}/practice", form)[0] == 303
     status, page, _ = c.call("GET", f"/p/{who}")
     total = int(re.search(rb'max="(\d+)"', page).group(1))
     for position in range(total):
         t0 = time.perf_counter()
-        trial_round_trip(c, who, position, write)
+        trial_round_trip(c, who, position, write, token)
         times.append(time.perf_counter() - t0)
 
 
@@ -101,7 +113,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         pairs = make_pairs(Path(tmp) / "g", args.pairs)
         server = subprocess.Popen([sys.executable, "-m", "liqe_dist.cli", "gmad", "study", str(pairs), "--db",
-                                   str(Path(tmp) / "study.sqlite"), "--port", "0", "--threads", "16"],
+                                   str(Path(tmp) / "study.sqlite"), "--port", "0", "--threads", "16",
+                                   "--scale", "buttons", "--schedule", "random"],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
         try:
             port = None

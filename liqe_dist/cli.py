@@ -156,9 +156,10 @@ def cmd_gmad_search(args: argparse.Namespace) -> int:
     from liqe_dist.gmad.report import run_gmad
     from liqe_dist.gmad.search import LevelRule
 
-    rule = LevelRule(levels=args.levels, kind=args.kind, trim=args.trim, width=args.width,
-                     min_images=args.min_images)
-    result, files, summary = run_gmad(args.scores, args.models, rule, args.out, args.shards)
+    rule = LevelRule(levels=args.levels, levels_rule=args.levels_rule, delta=args.delta, trim=args.trim,
+                     width=args.width, min_images=args.min_images, reuse=not args.no_reuse)
+    result, files, summary = run_gmad(args.scores, args.models, rule, args.out, args.shards,
+                                      calibrate=args.calibrate, device=args.device)
     print(summary)
     log.info("%d pairs -> %s; open %s", len(result.pairs), files["pairs"], files["page"])
     return 0
@@ -175,7 +176,8 @@ def cmd_gmad_study(args: argparse.Namespace) -> int:
     if args.public_url is not None:
         parse_public_url(args.public_url)
     given = {k: v for k, v in (("repeat_fraction", args.repeat_fraction), ("repeat_gap", args.repeat_gap),
-                                ("seed", args.seed)) if v is not None}
+                                ("seed", args.seed), ("scale", args.scale), ("schedule", args.schedule))
+             if v is not None}
     made = StudyDB.settings_of(args.db)
     try:
         settings = StudySettings(**((made.model_dump() if made else {}) | given))
@@ -185,18 +187,26 @@ def cmd_gmad_study(args: argparse.Namespace) -> int:
     pairs = read_pairs(args.pairs)
     app = create_app(pairs, args.db, settings, host=args.host, port=args.port, public_url=args.public_url)
     repeats = repeats_per_participant(len(pairs.pairs), settings)
-    log.info("%d pairs (%d trials per participant, %d repeated), answers in %s", len(pairs.pairs),
-             len(pairs.pairs) + repeats, repeats, args.db)
+    log.info("%d pairs (%d trials per participant, %d repeated; %s scale, %s schedule), answers in %s",
+             len(pairs.pairs), len(pairs.pairs) + repeats, repeats, settings.scale, settings.schedule, args.db)
     serve(app, args.host, args.port, args.threads)
     return 0
 
 
 def cmd_gmad_analyse(args: argparse.Namespace) -> int:
-    from liqe_dist.gmad.analyse import run_analysis
+    from pydantic import ValidationError
 
-    db = Path(args.db)
-    out = Path(args.out) if args.out else db.with_name(db.stem + "_analysis")
-    _, text = run_analysis(db, args.pairs, out, args.same_weight)
+    from liqe_dist.gmad.analyse import AnalysisOptions, run_analysis
+
+    try:
+        options = AnalysisOptions(level_weights=args.level_weights, screening=args.screening,
+                                  bootstrap=args.bootstrap, seed=args.seed)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    source = Path(args.db if args.db is not None else args.answers)
+    out = Path(args.out) if args.out else source.with_name(source.stem + "_analysis")
+    _, text = run_analysis(args.pairs, out, db=args.db, answers=args.answers, options=options)
     print(text)
     return 0
 
@@ -500,22 +510,40 @@ def build_parser() -> argparse.ArgumentParser:
                                        "pairs.csv, an HTML page, PNG sheets")
     p.add_argument("scores", help="a score-shards output folder")
     p.add_argument("--models", nargs="+", required=True, help="two or more model columns of the scores")
-    p.add_argument("--levels", type=int, default=6, help="levels per defender (K)")
-    p.add_argument("--kind", choices=["uniform", "quantile"], default="uniform",
-                   help="uniform: levels equally spaced over the defender's scores; quantile: over its ranks")
-    p.add_argument("--trim", type=float, default=0.01, help="fraction of each tail left out of the level range")
-    p.add_argument("--width", type=float, default=0.25,
-                   help="a level holds the images within +- WIDTH level spacings of its centre (<= 0.5)")
+    p.add_argument("--levels", type=int, default=6, help="levels per defender (K, default 6 as the toolbox)")
+    p.add_argument("--levels-rule", choices=["toolbox", "uniform", "quantile"], default="toolbox",
+                   help="toolbox (default, the gMAD toolbox's): centres at the midpoints of K equal bins over the "
+                        "defender's full range, each level the images strictly within +-DELTA; uniform: K centres "
+                        "from the --trim to the 1 - trim quantile, +-WIDTH spacings; quantile: the same over ranks")
+    p.add_argument("--delta", type=float,
+                   help="toolbox levels: the absolute half-width, in the units the levels are formed on (default "
+                        "0.09 x the defender's range; with --calibrate 9 x the calibration MOS span / 100)")
+    p.add_argument("--trim", type=float,
+                   help="uniform/quantile levels: fraction of each tail left out of the level range (default 0.01)")
+    p.add_argument("--width", type=float,
+                   help="uniform/quantile levels: a level holds the images within +- WIDTH level spacings of its "
+                        "centre (<= 0.5; default 0.25)")
     p.add_argument("--min-images", type=int, default=2, help="fewer candidates: the level is skipped")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="an image is in one pair at most (not the toolbox), given to the pairs of largest rank gap "
+                        "first: the result does not depend on the order of --models")
+    p.add_argument("--calibrate", metavar="SHARDSET",
+                   help="a labelled shard set (liqe-dist pack): score it with each model's recorded checkpoint, fit "
+                        "the toolbox's 4-parameter logistic onto its MOS and search on the mapped scores "
+                        "(calibration.json)")
+    p.add_argument("--device", default="auto", help="where --calibrate scores: auto (a GPU when there is one), "
+                                                    "cpu, cuda or cuda:N")
     p.add_argument("--shards", nargs="*", default=[], help="shard sets whose images the pairs show (default: the "
                                                            "ones the scores' manifest names)")
-    p.add_argument("--out", default="gmad", help="folder for pairs.csv, summary.csv, index.html, sheets/")
+    p.add_argument("--out", default="gmad", help="folder for pairs.csv, summary.csv, skipped.csv, index.html, "
+                                                 "sheets/ (and calibration.json)")
     p.set_defaults(func=cmd_gmad_search)
 
     p = gmad.add_parser("study", help="web app in which people judge the pairs (answers saved at once; resumable)",
                         description="Serve the study of a pairs.csv (from `gmad search`, its images/ beside it). "
-                                    "Participants open the address, enter an id, practise once, then judge each "
-                                    "pair; the same id resumes. Schedule options are fixed when --db is made.")
+                                    "Participants open the address, enter an id, pass four practice pairs, then "
+                                    "judge each pair, shown at native size; the same id resumes. --scale, --schedule "
+                                    "and the repeat options are fixed when --db is made.")
     p.add_argument("pairs", help="pairs.csv written by `liqe-dist gmad search`")
     p.add_argument("--db", required=True, help="SQLite file of the answers (made if missing)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -525,20 +553,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat-gap", type=int, help="at least this many trials between a pair's two showings "
                                                   "(default 3)")
     p.add_argument("--seed", type=int, help="seed of the participants' schedules (default 0)")
+    p.add_argument("--scale", choices=["slider", "buttons"],
+                   help="slider: the gMAD toolbox's -100..100 slider (left is better / uncertain / right is better; "
+                        "the default); buttons: left / same / right, stored as -100 / 0 / 100")
+    p.add_argument("--schedule", choices=["fixed", "random"],
+                   help="fixed: one order and side assignment, drawn from the seed, for every participant (the "
+                        "toolbox; the default); random: each participant's own")
     p.add_argument("--threads", type=int, default=8, help="request threads (1 to 256)")
     p.add_argument("--public-url", help="the address participants open when it is not the listening one "
                                         "(--host 0.0.0.0, a reverse proxy), e.g. http://lab-pc.local:8080/: "
                                         "requests naming another host are refused (DNS rebinding)")
     p.set_defaults(func=cmd_gmad_study)
 
-    p = gmad.add_parser("analyse", help="aggressiveness and resistance matrices, per-pair preferences, "
-                                        "consistency and pairwise labels from a study database")
+    p = gmad.add_parser("analyse", help="the gMAD verdict as the authors' toolbox defines it: aggressiveness and "
+                                        "resistance, Thurstone ranking, subject screening, bootstrap intervals",
+                        description="Analyse the answers to a pairs.csv, from a `gmad study` database (--db) or an "
+                                    "answers CSV gathered elsewhere (--answers: participant,pair,answer[,repeat,"
+                                    "response_ms]; answer best/worst/same or -100..100, positive = the attacker's "
+                                    "best image preferred).")
     p.add_argument("pairs", help="the pairs.csv the study showed")
-    p.add_argument("--db", required=True, help="the study's SQLite file")
-    p.add_argument("--out", help="output folder (default: the database's name + '_analysis', beside it)")
-    p.add_argument("--same-weight", type=float, default=0.5,
-                   help="what a 'same' answer counts for the attacker in p (0.5: half, as in a forced choice; "
-                        "0: a win of the defender)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--db", help="the study's SQLite file")
+    source.add_argument("--answers", help="an answers CSV (participant,pair,answer[,repeat,response_ms])")
+    p.add_argument("--out", help="output folder (default: the answers' file name + '_analysis', beside it)")
+    p.add_argument("--level-weights", choices=["images", "uniform"], default="images",
+                   help="images: levels weigh by the defender's images in them, N_jk (toolbox); uniform: alike")
+    p.add_argument("--screening", choices=["toolbox", "bt500", "none"], default="toolbox",
+                   help="subject screening: toolbox (data_analysis.m), bt500 (ITU-R BT.500's P/Q), none")
+    p.add_argument("--no-screening", dest="screening", action="store_const", const="none",
+                   help="same as --screening none")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="resamples of participants for the 95%% intervals (0: no intervals)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.set_defaults(func=cmd_gmad_analyse)
 
     shards = sub.add_parser("shards", help="inspect packed shard sets").add_subparsers(dest="shards_command", required=True)

@@ -47,25 +47,92 @@ def test_pairs_csv_matches_the_search_and_images_are_the_originals(scored, tmp_p
     for row, pair in zip(rows, expected.pairs):
         assert (row["defender"], row["attacker"], int(row["level"])) == (pair.defender, pair.attacker, pair.level)
         assert (row["best_key"], row["worst_key"]) == (keys[pair.best], keys[pair.worst])
+        assert (int(row["level_images"]), int(row["candidates"])) == (pair.level_images, pair.candidates)
+        assert float(row["level_centre"]) == pytest.approx(pair.centre) and float(row["level_delta"]) == pytest.approx(
+            pair.delta)
         for side, idx in (("best", pair.best), ("worst", pair.worst)):
             for m in "abc":
                 assert float(row[f"{side}_{m}"]) == arrays[m][idx]
     used = [r[f"{s}_key"] for r in rows for s in ("best", "worst")]
-    assert len(used) == len(set(used))  # no image in two pairs
+    assert len(used) > len(set(used))  # images are reused by default, as in the toolbox
     assert not any(scores[k][4] == "p13.png" for k in used)  # the unscored image is left out
     for r in rows:  # the page's images are the packed bytes, not re-encoded
         for side in ("best", "worst"):
-            shown = tmp_path / "g" / "images" / f"{int(r['pair']):05d}_{side}.png"
+            [shown] = (tmp_path / "g" / "images").glob(f"{int(r['pair']):05d}_{side}.*")  # p05_copy.bmp stays .bmp
             assert shown.read_bytes() == (root / "photos" / r[f"{side}_source"]).read_bytes()
     summary = list(csv.DictReader(open(tmp_path / "g" / "summary.csv")))
     assert len(summary) == 6 and all(int(s["pairs"]) + int(s["skipped_levels"]) == 4 for s in summary)
+    skipped = list(csv.DictReader(open(tmp_path / "g" / "skipped.csv")))
+    assert [(s["defender"], s["attacker"], int(s["level"]), int(s["level_images"])) for s in skipped] == [
+        (s.defender, s.attacker, s.level, s.level_images) for s in expected.skipped]
     sheets = sorted(p.name for p in (tmp_path / "g" / "sheets").glob("*.png"))
-    # a sheet for every (defender, attacker) that has pairs (late pairs find their images used up)
+    # a sheet for every (defender, attacker) that has pairs
     assert sheets == sorted(f"{s['defender']}_vs_{s['attacker']}.png" for s in summary if int(s["pairs"]))
     assert len(sheets) >= 4
     recorded = yaml.safe_load((tmp_path / "g" / "config.yaml").read_text())  # provenance of the folder
     assert recorded["models"] == ["a", "b", "c"] and recorded["rule"]["levels"] == 4
+    # toolbox levels, Δ = 0.09 x each defender's range: a 0..9, b 0..12, c -39..0
+    assert recorded["level_rule"] == "toolbox" and recorded["rule"]["reuse"] is True
+    assert recorded["delta"] == pytest.approx({"a": 0.81, "b": 1.08, "c": 3.51})
+    page = (tmp_path / "g" / "index.html").read_text()
+    assert "level rule toolbox" in page and "a 0.81" in page
     assert json.loads((tmp_path / "g" / "run.json").read_text())["runs"][-1]["pairs"] == len(rows)
+
+
+def test_without_reuse_the_order_of_models_changes_nothing(scored, tmp_path):
+    """--no-reuse: each image in one pair at most, and --models a b c, c a b and b c a give the same
+    pairs (listed in the order given); every pair's two image files are written."""
+    root, _ = scored
+    found = {}
+    for models in (["a", "b", "c"], ["c", "a", "b"], ["b", "c", "a"]):
+        out = tmp_path / "".join(models)
+        proc = run_gmad(str(root / "scores"), "--models", *models, "--levels", "4", "--no-reuse", "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        rows = list(csv.DictReader(open(out / "pairs.csv")))
+        used = [r[f"{s}_key"] for r in rows for s in ("best", "worst")]
+        assert len(used) == len(set(used)) and len(rows) > 6
+        found["".join(models)] = {(r["defender"], r["attacker"], r["level"], r["best_key"], r["worst_key"])
+                                  for r in rows}
+        assert [models.index(r["defender"]) for r in rows] == sorted(models.index(r["defender"]) for r in rows)
+        assert yaml.safe_load((out / "config.yaml").read_text())["rule"]["reuse"] is False
+    assert found["abc"] == found["cab"] == found["bca"]
+
+
+def test_reused_images_are_copied_for_every_pair(scored, tmp_path):
+    """Overlapping toolbox windows (--delta 3 on a's 0..9) put an image in several pairs: each pair
+    has its own two files (what the study reads), the same bytes."""
+    root, _ = scored
+    out = tmp_path / "g"
+    proc = run_gmad(str(root / "scores"), "--models", "a", "b", "--levels", "4", "--delta", "3", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(out / "pairs.csv")))
+    keys = [r[f"{s}_key"] for r in rows for s in ("best", "worst")]
+    assert len(keys) > len(set(keys))
+    for r in rows:
+        for side in ("best", "worst"):
+            [shown] = (out / "images").glob(f"{int(r['pair']):05d}_{side}.*")
+            assert shown.read_bytes() == (root / "photos" / r[f"{side}_source"]).read_bytes()
+    from liqe_dist.gmad.pairs import read_pairs
+
+    assert len(read_pairs(out / "pairs.csv").pairs) == len(rows)
+
+
+def test_search_options_are_checked_naming_the_flag(scored, tmp_path):
+    root, _ = scored
+    for args, message in ((["--trim", "0.05"], "--trim applies to --levels-rule uniform or quantile"),
+                          (["--levels-rule", "uniform", "--delta", "1"], "--delta applies to --levels-rule toolbox"),
+                          (["--delta", "-1"], "--delta must be a finite number > 0"),
+                          (["--levels-rule", "quantile", "--width", "0.9"], "--width must be in (0, 0.5]")):
+        proc = run_gmad(str(root / "scores"), "--models", "a", "b", *args, "--out", str(tmp_path / "g"))
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+    proc = run_gmad(str(root / "scores"), "--models", "a", "b", "--kind", "uniform", "--out", str(tmp_path / "g"))
+    assert proc.returncode == 2 and "--kind" in proc.stderr  # gone: --levels-rule says it
+    proc = run_gmad(str(root / "scores"), "--models", "a", "b", "--levels-rule", "quantile", "--levels", "3",
+                    "--out", str(tmp_path / "q"))
+    assert proc.returncode == 0, proc.stderr
+    recorded = yaml.safe_load((tmp_path / "q" / "config.yaml").read_text())
+    assert recorded["rule"] == {"levels": 3, "levels_rule": "quantile", "delta": None, "trim": 0.01, "width": 0.25,
+                                "min_images": 2, "reuse": True}
 
 
 @pytest.mark.slow
@@ -137,8 +204,8 @@ def test_a_rerun_replaces_its_own_outputs_only(scored, tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(open(out / "pairs.csv")))
     assert 0 < 2 * len(rows) < first
-    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(
-        f"{int(r['pair']):05d}_{side}.png" for r in rows for side in ("best", "worst"))
+    assert sorted(p.stem for p in (out / "images").iterdir()) == sorted(
+        f"{int(r['pair']):05d}_{side}" for r in rows for side in ("best", "worst"))
     assert {p.name for p in (out / "sheets").iterdir()} <= {"a_vs_b.png", "b_vs_a.png"}
     assert (out / "notes.txt").read_text() == "mine"
     # a link where images/ was is not followed: refused, the folder it points to untouched
@@ -181,7 +248,7 @@ def test_csv_text_cells_are_escaped_and_numbers_are_not(scored, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "g" / "pairs.csv", newline="")))
     sources = [r[f"{side}_source"] for r in rows for side in ("best", "worst")]
     assert sources and all(s.startswith("'") for s in sources)
-    assert all(read_cell(s)[0] in "=+-@\t'" and read_cell(s).endswith(".png") for s in sources)
+    assert all(read_cell(s)[0] in "=+-@\t'" and read_cell(s).endswith((".png", ".bmp")) for s in sources)
     negative = [r["best_c"] for r in rows if float(r["best_c"]) < 0]
     assert negative and all(v.startswith("-") for v in negative)   # a number, not text
     assert all(not r["level_centre"].startswith("'") for r in rows)

@@ -1,7 +1,11 @@
 """The gMAD study web app on a real `gmad search` output: a participant in headless chromium
 (selenium + chromedriver) answers by keyboard, the server is SIGKILLed and restarted, the
 participant resumes; hostile paths and malformed answers get 4xx; concurrent participants; the
-schedule; database/pairs mismatches are clear errors."""
+schedule; database/pairs mismatches are clear errors. And the gMAD toolbox's study (issue 26) on
+generated pairs folders: the slider and the buttons driven in chromium, read back sign-corrected
+and analysed; native display size at two device pixel ratios and one recorded shrink factor; an
+EXIF-rotated JPEG shown as the model read it; fixed and random schedules; the four practice
+pairs; a schema-1 database read and migrated."""
 
 from __future__ import annotations
 
@@ -18,13 +22,15 @@ import time
 import urllib.parse
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from gmad_fixtures import browser, make_scored
 from liqe_dist.gmad.pairs import read_pairs
-from liqe_dist.gmad.report import run_gmad
-from liqe_dist.gmad.search import GMADError, LevelRule
-from liqe_dist.gmad.study_db import StudyDB, StudyError, StudySettings, schedule
+from liqe_dist.gmad.search import GMADError
+from liqe_dist.gmad.study_db import (PRACTICE, SAME_TOLERANCE, StudyDB, StudyError, StudySettings, practice_plan,
+                                     read_study, schedule)
 
 SECRET = "top-secret-do-not-serve"
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 def pairs_dir(tmp_path_factory) -> Path:
     """`gmad search` output (pairs.csv + images/) over the shared scored corpus, and a file beside
     it that no request may reach."""
+    from liqe_dist.gmad.report import run_gmad  # here: the tests on generated pairs folders do not need them
+    from liqe_dist.gmad.search import LevelRule
+
     root, _ = make_scored(tmp_path_factory.mktemp("study"))
     run_gmad(root / "scores", ["a", "b", "c"], LevelRule(levels=4), root / "g")
     (root / "g" / "secret.txt").write_text(SECRET)
@@ -112,12 +121,52 @@ class Server:
             self.proc.wait(timeout=30)
 
 
+BUTTONS = ("--scale", "buttons", "--schedule", "random")  # the options these tests were written for
+
+
 @pytest.fixture
 def server(pairs_dir, tmp_path):
     # a relative pairs path, as the README's commands give it
-    s = Server(Path("pairs.csv"), tmp_path / "study.sqlite", "--repeat-fraction", "0.25", cwd=pairs_dir)
+    s = Server(Path("pairs.csv"), tmp_path / "study.sqlite", "--repeat-fraction", "0.25", *BUTTONS, cwd=pairs_dir)
     yield s
     s.stop()
+
+
+def pass_practice(server: Server, participant: str, settings: StudySettings = StudySettings(scale="buttons")) -> None:
+    """Answer the participant's four practice pairs right, as the page would."""
+    for step in practice_plan(participant, settings):
+        answer = ({"value": {"left": "-60", "right": "60", None: "0"}[step.better]} if settings.scale == "slider"
+                  else {"answer": step.better or "same"})
+        assert server.post(f"/p/{participant}/practice", step=str(step.step), **answer) == 303
+
+
+def chrome(tmp_path: Path, monkeypatch, *flags: str):
+    """Headless chromium under selenium (skipped without them) and a 30 s waiter."""
+    chromium, why = browser()
+    driver_path, why_driver = browser(driver=True)
+    if chromium is None or driver_path is None:
+        pytest.skip(f"no chromium/chromedriver: {why or why_driver}")
+    from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,900",
+                 f"--user-data-dir={tmp_path / 'profile'}", *flags):
+        options.add_argument(flag)
+    monkeypatch.setenv("SE_OFFLINE", "true")  # never let selenium look for a driver online
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    return driver, WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,))
+
+
+def wait_ready(driver, wait, position: int, practice: bool = False) -> None:
+    """Until the page of trial (or practice pair) ``position`` shows both images, answerable."""
+    # one script reads all three, so a page being replaced cannot mix two pages' values
+    state = "const b = document.body.dataset; return [b.position, b.practice, b.ready];"
+    wait.until(lambda d: d.execute_script(state) == [str(position), "1" if practice else "0", "1"])
 
 
 def db_rows(db: Path, participant: str) -> list[tuple]:
@@ -132,7 +181,7 @@ def db_rows(db: Path, participant: str) -> list[tuple]:
 
 def test_schedule_shows_every_pair_and_repeats_after_a_gap():
     ids = list(range(40))
-    settings = StudySettings(repeat_fraction=0.2, repeat_gap=3, seed=7)
+    settings = StudySettings(repeat_fraction=0.2, repeat_gap=3, seed=7, schedule="random")
     trials = schedule(ids, "ann", settings)
     assert schedule(ids, "ann", settings) == trials                 # reproducible
     assert schedule(ids, "bob", settings) != trials                 # each participant has their own order
@@ -145,8 +194,8 @@ def test_schedule_shows_every_pair_and_repeats_after_a_gap():
     lefts = [left for _, _, left in trials]
     assert 12 < lefts.count("best") < 36                            # both sides used, at random
     assert not [t for t in schedule(ids, "ann", StudySettings(repeat_fraction=0)) if t[1]]
-    for seed in range(50):  # few pairs, a long gap: fewer repeats, never a shorter gap
-        short = schedule([0, 1, 2, 3], "x", StudySettings(repeat_fraction=1.0, repeat_gap=2, seed=seed))
+    for seed, kind in ((s, k) for s in range(50) for k in ("random", "fixed")):  # a long gap: fewer repeats
+        short = schedule([0, 1, 2, 3], "x", StudySettings(repeat_fraction=1.0, repeat_gap=2, seed=seed, schedule=kind))
         positions = {(p, rep): k for k, (p, rep, _) in enumerate(short)}
         repeated = [p for p, rep in positions if rep]
         assert len(short) == 6 and len(repeated) == 2
@@ -156,56 +205,38 @@ def test_schedule_shows_every_pair_and_repeats_after_a_gap():
 @pytest.mark.slow
 def test_participant_answers_by_keyboard_in_chromium_and_resumes_after_the_server_is_killed(pairs_dir, tmp_path,
                                                                                            monkeypatch):
-    chromium, why = browser()
-    driver_path, why_driver = browser(driver=True)
-    if chromium is None or driver_path is None:
-        pytest.skip(f"no chromium/chromedriver: {why or why_driver}")
-    from selenium import webdriver
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.chrome.service import Service
+    db = tmp_path / "study.sqlite"
+    server = Server(pairs_dir / "pairs.csv", db, "--repeat-fraction", "0.25", *BUTTONS)
+    driver, wait = chrome(tmp_path, monkeypatch)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    db = tmp_path / "study.sqlite"
-    server = Server(pairs_dir / "pairs.csv", db, "--repeat-fraction", "0.25")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,900",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    monkeypatch.setenv("SE_OFFLINE", "true")  # never let selenium look for a driver online
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
     body = lambda: driver.find_element(By.TAG_NAME, "body")  # noqa: E731
-    wait = WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,))
-
-    def ready_at(position: int, practice: str = "0") -> None:
-        # one script reads all three, so a page being replaced cannot mix two pages' values
-        state = "const b = document.body.dataset; return [b.position, b.practice, b.ready];"
-        wait.until(lambda d: d.execute_script(state) == [str(position), practice, "1"])
+    keys = {"left": Keys.ARROW_LEFT, "right": Keys.ARROW_RIGHT, None: Keys.ARROW_DOWN}
 
     try:
         driver.get(server.url)
         driver.find_element(By.ID, "participant").send_keys("obs-1" + Keys.ENTER)
-        ready_at(0, practice="1")
-        body().send_keys(Keys.ARROW_RIGHT)       # the blurred one: a hint, the practice again
+        plan = practice_plan("obs-1", StudySettings(scale="buttons"))
+        wait_ready(driver, wait, 0, practice=True)
+        body().send_keys(keys["right" if plan[0].better == "left" else "left"])  # the degraded one: a hint
         wait.until(lambda d: "Not quite" in d.page_source)
-        ready_at(0, practice="1")
-        body().send_keys(Keys.ARROW_LEFT)
-        ready_at(0)
+        for step in plan:
+            wait_ready(driver, wait, step.step, practice=True)
+            body().send_keys(keys[step.better])
+        wait_ready(driver, wait, 0)
         total = len(db_rows_trials(db, "obs-1"))
         assert driver.find_element(By.ID, "count").text == f"1 / {total}"
         pressed = [(Keys.ARROW_LEFT, "left"), (Keys.ARROW_RIGHT, "right"), (Keys.ARROW_DOWN, "same"),
                    (Keys.SPACE, "same"), (Keys.ARROW_RIGHT, "right")]
         shown_left = []
         for position, (key, _) in enumerate(pressed):
-            ready_at(position)
+            wait_ready(driver, wait, position)
             # what the browser shows on the left, byte for byte
             src = driver.find_element(By.ID, "left").get_attribute("src")
             shown_left.append(server.request("GET", urllib.parse.urlsplit(src).path)[1])
             body().send_keys(key)
-        ready_at(5)
+        wait_ready(driver, wait, 5)
         assert driver.find_element(By.ID, "progress").get_attribute("value") == "5"
 
         rows = db_rows(db, "obs-1")
@@ -222,10 +253,10 @@ def test_participant_answers_by_keyboard_in_chromium_and_resumes_after_the_serve
         server = Server(pairs_dir / "pairs.csv", db)  # settings come from the database
         driver.get(server.url)
         driver.find_element(By.ID, "participant").send_keys("obs-1" + Keys.ENTER)
-        ready_at(5)                                  # no practice again, straight to pair 6
+        wait_ready(driver, wait, 5)                  # no practice again, straight to pair 6
         assert driver.find_element(By.ID, "count").text == f"6 / {total}"
         body().send_keys(Keys.ARROW_LEFT)
-        ready_at(6)
+        wait_ready(driver, wait, 6)
         assert len(db_rows(db, "obs-1")) == 6
     finally:
         driver.quit()
@@ -279,7 +310,7 @@ def test_malformed_requests_get_4xx_and_change_nothing(server):
         status = server.request("POST", "/p/zoe/answer", body)[0]
         assert status == 400, (form, status)
     assert server.post("/p/zoe/answer", answer="left", position="0") == 409          # the practice comes first
-    assert server.post("/p/zoe/practice", answer="left") == 303
+    pass_practice(server, "zoe")
     assert server.post("/p/zoe/answer", answer="left", position="3") == 409          # not shown yet
     assert server.post("/p/zoe/answer", answer="left", position="99999") == 404      # no such trial
     assert server.post("/p/nobody/answer", answer="left", position="0") == 404
@@ -308,7 +339,7 @@ def test_concurrent_participants_do_not_clash(server):
     def participant(name: str) -> None:
         try:
             assert server.post("/start", participant=name) == 303
-            assert server.post(f"/p/{name}/practice", answer="left") == 303
+            pass_practice(server, name)
             n = len(db_rows_trials(server_db(server), name))
             for position in range(n):
                 assert server.post(f"/p/{name}/answer", answer=("left", "right", "same")[position % 3],
@@ -319,7 +350,7 @@ def test_concurrent_participants_do_not_clash(server):
     threads = [threading.Thread(target=participant, args=(f"p{i}",)) for i in range(6)]
     # two tabs of one participant racing for the same trial: one answer wins, the other is a 409
     assert server.post("/start", participant="twin") == 303
-    assert server.post("/p/twin/practice", answer="left") == 303
+    pass_practice(server, "twin")
     results = []
     racers = [threading.Thread(target=lambda a=a: results.append(server.post("/p/twin/answer", answer=a,
                                                                             position="0")))
@@ -395,3 +426,415 @@ def test_pairs_file_errors_name_the_file_and_line(pairs_dir, tmp_path):
     (hostile / "pairs.csv").write_text(text.replace(first.split(",")[9], "/etc/passwd", 1))
     p = read_pairs(hostile / "pairs.csv").pairs[0]
     assert p.images["best"].parent == hostile / "images" and p.images["best"].name.startswith("00000_best.")
+
+
+# --- issue 26: the study as the gMAD toolbox runs it --------------------------------------------
+
+def make_pairs_folder(root: Path, size: tuple[int, int] = (300, 200), exif_pair: int | None = None) -> Path:
+    """A pairs.csv of six pairs (a and b each defending three levels) with images/ of ``size``
+    (noise PNGs); ``exif_pair``'s best image a JPEG of the same raw size with EXIF orientation 6
+    (a browser honouring it would show it rotated, ``size`` transposed)."""
+    (root / "images").mkdir(parents=True)
+    rows = ["pair,defender,attacker,level,best_key,worst_key,best_source,worst_source,level_images"]
+    rng = np.random.default_rng(1)
+    for k, (d, a, level) in enumerate((d, a, level) for d, a in (("a", "b"), ("b", "a")) for level in range(3)):
+        rows.append(f"{k},{d},{a},{level},k{k}b,k{k}w,photos/{k}b.png,photos/{k}w.png,{4 + level}")
+        for side in ("best", "worst"):
+            image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+            if k == exif_pair and side == "best":
+                exif = Image.Exif()
+                exif[0x0112] = 6  # "rotate 90 CW to show"
+                image.save(root / "images" / f"{k:05d}_{side}.jpg", "JPEG", quality=90, exif=exif)
+            else:
+                image.save(root / "images" / f"{k:05d}_{side}.png")
+    (root / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return root / "pairs.csv"
+
+
+def trials_of(db: Path, participant: str) -> list[tuple]:
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("SELECT position, pair, repeat, left FROM trials WHERE participant = ? ORDER BY position",
+                           (participant,)).fetchall()
+    finally:
+        con.close()
+
+
+def analyse(db: Path, pairs_csv: Path, out: Path):
+    """The analysis (another module, changing): whichever of its two call forms it has."""
+    import inspect
+
+    from liqe_dist.gmad.analyse import run_analysis
+    params = list(inspect.signature(run_analysis).parameters)
+    return run_analysis(pairs_csv, out, db=db) if params[0] != "db" and "db" in params else \
+        run_analysis(db, pairs_csv, out)
+
+
+@pytest.mark.slow
+def test_slider_and_buttons_in_chromium_record_sign_corrected_values_that_the_analysis_reads(tmp_path, monkeypatch):
+    pairs_csv = make_pairs_folder(tmp_path / "pairs")
+    driver, wait = chrome(tmp_path, monkeypatch)
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    L, R, SR = Keys.ARROW_LEFT, Keys.ARROW_RIGHT, "shift+right"
+
+    def press(*keys: str) -> None:  # to whatever has the focus, as a keyboard does
+        chain = ActionChains(driver)
+        for key in keys:
+            if key == SR:
+                chain.key_down(Keys.SHIFT).send_keys(R).key_up(Keys.SHIFT)
+            else:
+                chain.send_keys(key)
+        chain.perform()
+
+    def slider_answer(keys: list[str], how: str) -> None:
+        press(*keys)
+        if how == "click":
+            driver.find_element(By.ID, "submit").click()
+        else:
+            press(Keys.ENTER)
+
+    def start(server: Server, who: str) -> None:
+        driver.get(server.url)
+        driver.find_element(By.ID, "participant").send_keys(who + Keys.ENTER)
+
+    servers = []
+    try:
+        # the slider, and the toolbox's fixed schedule: the defaults
+        slider_db = tmp_path / "slider.sqlite"
+        servers.append(server := Server(pairs_csv, slider_db))
+        start(server, "s1")
+        plan = practice_plan("s1", StudySettings())
+        for step in plan:
+            wait_ready(driver, wait, step.step, practice=True)
+            assert driver.find_element(By.ID, "slider").get_attribute("value") == "0"
+            if step.step in (0, 1):  # wrong first: the far wrong side, or 30 off the middle of a same pair
+                slider_answer([Keys.END if step.better == "left" else Keys.HOME] if step.better else [R, R, R],
+                              "enter")
+                wait.until(lambda d: "Not quite" in d.page_source)
+                wait_ready(driver, wait, step.step, practice=True)
+            if step.better:
+                slider_answer([Keys.HOME if step.better == "left" else Keys.END], "enter")
+            else:
+                slider_answer([SR, SR, SR], "click")                           # 3: within the tolerance
+        moves = [([L, L, L], "click", -30), ([Keys.END], "enter", 100), ([SR] * 5, "click", 5),
+                 ([Keys.HOME, R], "enter", -90), ([], "click", 0), ([R] * 12, "enter", 100),
+                 ([L, L, SR], "click", -19)]
+        trials = trials_of(slider_db, "s1")
+        assert len(trials) == len(moves)                                       # 6 pairs + 1 repeat
+        for position, (keys, how, _) in enumerate(moves):
+            wait_ready(driver, wait, position)
+            slider_answer(keys, how)
+        wait.until(lambda d: d.execute_script("return document.body.dataset.finished") == "1")
+
+        # the buttons, each participant's own schedule
+        buttons_db = tmp_path / "buttons.sqlite"
+        servers.append(server := Server(pairs_csv, buttons_db, *BUTTONS))
+        start(server, "b1")
+        keys = {"left": L, "right": R, None: Keys.ARROW_DOWN}
+        for step in practice_plan("b1", StudySettings(scale="buttons")):
+            wait_ready(driver, wait, step.step, practice=True)
+            press(keys[step.better])
+        pressed = [(L, "left"), (R, "right"), (Keys.ARROW_DOWN, "same"), (Keys.SPACE, "same"), (R, "right"),
+                   (L, "left"), (Keys.ARROW_DOWN, "same")]
+        for position, (key, _) in enumerate(pressed):
+            wait_ready(driver, wait, position)
+            press(key)
+        wait.until(lambda d: d.execute_script("return document.body.dataset.finished") == "1")
+    finally:
+        driver.quit()
+        for server in servers:
+            server.stop()
+
+    slider = read_study(slider_db)
+    assert (slider.meta["scale"], slider.meta["schedule"], slider.meta["schema"]) == ("slider", "fixed", "2")
+    for j, (position, pair, repeat, left), (_, _, shown) in zip(slider.judgments, trials, moves):
+        assert (j["position"], j["pair"], j["repeat"], j["left"]) == (position, pair, repeat, left)
+        assert j["value"] == float(-shown if left == "best" else shown)        # positive: the best image won
+        assert isinstance(j["value"], float)
+        assert j["answer"] == ("left" if shown < 0 else "right" if shown > 0 else "same")
+        assert j["chosen"] == ("best" if j["value"] > 0 else "worst" if j["value"] < 0 else "same")
+        assert (j["left_w"], j["left_h"], j["right_w"], j["right_h"]) == (300, 200, 300, 200)
+        assert (j["dpr"], j["display_scale"]) == (1.0, 1.0) and j["window_w"] > 600 and j["window_h"] > 200
+    assert len(slider.judgments) == len(moves)
+
+    buttons = read_study(buttons_db)
+    assert (buttons.meta["scale"], buttons.meta["schedule"]) == ("buttons", "random")
+    assert [j["answer"] for j in buttons.judgments] == [a for _, a in pressed]
+    for j in buttons.judgments:
+        assert j["chosen"] == ({"left": j["left"], "same": "same"}.get(j["answer"]) or
+                               ("worst" if j["left"] == "best" else "best"))
+        assert j["value"] == {"best": 100.0, "worst": -100.0, "same": 0.0}[j["chosen"]]
+        assert j["display_scale"] == 1.0 and j["left_w"] == 300
+    for db in (slider_db, buttons_db):
+        analyse(db, pairs_csv, tmp_path / f"{db.stem}_analysis")
+        assert (tmp_path / f"{db.stem}_analysis" / "pairs_judged.csv").is_file()
+
+
+@pytest.mark.slow
+def test_images_are_shown_native_unrotated_and_shrunk_by_one_recorded_factor(tmp_path, monkeypatch):
+    pairs_csv = make_pairs_folder(tmp_path / "pairs", exif_pair=0)
+    db = tmp_path / "d.sqlite"
+    server = Server(pairs_csv, db, "--scale", "buttons", "--repeat-fraction", "0")
+    driver, wait = chrome(tmp_path, monkeypatch, "--force-device-scale-factor=1", "--window-size=1200,900")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    body = lambda: driver.find_element(By.TAG_NAME, "body")  # noqa: E731
+    measure = ("return [innerWidth, innerHeight, devicePixelRatio, ...[left, right].flatMap(i => "
+               "[i.naturalWidth, i.naturalHeight, i.getBoundingClientRect().width, i.getBoundingClientRect().height])]")
+    seen = []
+    try:
+        driver.get(server.url)
+        driver.find_element(By.ID, "participant").send_keys("d1" + Keys.ENTER)
+        keys = {"left": Keys.ARROW_LEFT, "right": Keys.ARROW_RIGHT, None: Keys.ARROW_DOWN}
+        for step in practice_plan("d1", StudySettings(scale="buttons")):
+            wait_ready(driver, wait, step.step, practice=True)
+            body().send_keys(keys[step.better])
+        # trials 0, 1: device pixel ratio 1; 2, 3: 2; 4, 5: a window too small for the pair
+        metrics = {2: (1200, 900, 2), 4: (400, 600, 1)}
+        for position in range(6):
+            wait_ready(driver, wait, position)
+            if position in metrics:
+                width, height, dpr = metrics[position]
+                driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+                    "width": width, "height": height, "deviceScaleFactor": dpr, "mobile": False})
+                driver.refresh()
+                wait_ready(driver, wait, position)
+            seen.append(driver.execute_script(measure))
+            body().send_keys(Keys.ARROW_LEFT)
+        wait.until(lambda d: d.execute_script("return document.body.dataset.finished") == "1")
+        # the control: the stored JPEG, opened as it is, is shown rotated by this browser
+        jpeg = pairs_csv.parent / "images" / "00000_best.jpg"
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        driver.get(jpeg.as_uri())
+        assert driver.execute_script("const i = document.images[0]; return [i.naturalWidth, i.naturalHeight]") == \
+            [200, 300]
+    finally:
+        driver.quit()
+        server.stop()
+
+    judgments = read_study(db).judgments
+    assert len(judgments) == 6
+    for position, (j, m) in enumerate(zip(judgments, seen)):
+        inner_w, inner_h, dpr, lnw, lnh, lw, lh, rnw, rnh, rw, rh = m
+        assert (lnw, lnh, rnw, rnh) == (300, 200, 300, 200), (position, m)     # raw pixels, EXIF pair included
+        factor = lw / 300
+        if position < 2:
+            assert (dpr, lw, lh, rw, rh) == (1, 300, 200, 300, 200)             # 1 CSS px = 1 image px
+        elif position < 4:
+            assert (dpr, lw, lh, rw, rh) == (2, 150, 100, 150, 100)             # 1 device px = 1 image px
+            factor = 1.0
+        else:
+            assert dpr == 1 and 0.3 < factor < 0.9
+            for size, native in ((lw, 300), (lh, 200), (rw, 300), (rh, 200)):
+                assert size == pytest.approx(native * factor, abs=0.02)      # one factor for both images
+            assert lw + rw + 32 <= inner_w - 48 + 0.01                          # the gap and the page's margins
+            assert lw + rw + 32 >= inner_w - 48 - 1                             # as large as fits
+        assert (j["window_w"], j["window_h"], j["dpr"]) == (inner_w, inner_h, dpr)
+        for key, size in (("left_w", lw), ("left_h", lh), ("right_w", rw), ("right_h", rh)):
+            assert j[key] == pytest.approx(size, abs=1e-3), (position, key)
+        assert j["display_scale"] == pytest.approx(factor, abs=1e-4), position
+    assert {pair for _, pair, _, _ in trials_of(db, "d1")} == set(range(6))  # the EXIF pair 0 among them
+
+
+def test_an_exif_rotated_image_is_served_as_the_model_reads_it(tmp_path):
+    import io
+
+    from liqe_dist.data.images import decode_image
+    from liqe_dist.gmad.study_app import as_model_reads
+
+    pairs_csv = make_pairs_folder(tmp_path / "pairs", exif_pair=0)
+    jpeg = (pairs_csv.parent / "images" / "00000_best.jpg").read_bytes()
+    served, media = as_model_reads(jpeg, "image/jpeg")
+    assert media == "image/png"
+    with Image.open(io.BytesIO(served)) as img:
+        assert img.size == (300, 200) and img.getexif().get(0x0112) is None
+        assert np.array_equal(np.asarray(img.convert("RGB")), np.asarray(decode_image(jpeg)))
+    png = (pairs_csv.parent / "images" / "00000_worst.png").read_bytes()
+    assert as_model_reads(png, "image/png") == (png, "image/png")              # no EXIF: byte for byte
+    plain = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    Image.new("RGB", (4, 3)).save(plain, "JPEG", exif=exif)
+    assert as_model_reads(plain.getvalue(), "image/jpeg")[0] == plain.getvalue()  # orientation 1: as it is
+
+
+def test_fixed_schedule_is_every_participants_and_random_is_each_ones(tmp_path):
+    pairs_csv = make_pairs_folder(tmp_path / "pairs")
+    pairs = read_pairs(pairs_csv)
+    order = {}
+    for kind in ("fixed", "random"):
+        db = StudyDB(tmp_path / f"{kind}.sqlite", pairs, StudySettings(schedule=kind, repeat_fraction=0.5,
+                                                                       repeat_gap=1))
+        for who in ("ann", "bob"):
+            db.register(who)
+            order[kind, who] = [t[1:] for t in trials_of(db.path, who)]
+    assert order["fixed", "ann"] == order["fixed", "bob"]                      # order, sides and repeats
+    assert [r for _, r, _ in order["fixed", "ann"]].count(1) == 3
+    assert order["random", "ann"] != order["random", "bob"]
+    assert order["fixed", "ann"] != order["random", "ann"] or order["fixed", "bob"] != order["random", "bob"]
+    ids = [p.pair for p in pairs.pairs]
+    fixed = StudySettings(schedule="fixed", seed=3)
+    assert {str(schedule(ids, who, fixed)) for who in ("x", "y", "z")} == {str(schedule(ids, "x", fixed))}
+    assert schedule(ids, "x", fixed) != schedule(ids, "x", StudySettings(schedule="fixed", seed=4))
+    with pytest.raises(StudyError, match="made with --schedule fixed"):
+        StudyDB(tmp_path / "fixed.sqlite", pairs, StudySettings(schedule="random", repeat_fraction=0.5, repeat_gap=1))
+    with pytest.raises(StudyError, match="made with --scale slider"):
+        StudyDB(tmp_path / "fixed.sqlite", pairs, StudySettings(scale="buttons", repeat_fraction=0.5, repeat_gap=1))
+    proc = subprocess.run([sys.executable, "-m", "liqe_dist.cli", "gmad", "study", str(pairs_csv), "--db",
+                           str(tmp_path / "fixed.sqlite"), "--schedule", "random", "--port", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "made with --schedule fixed" in proc.stderr, proc.stderr
+
+
+class Client:
+    """Flask's test client on the study's pages, with their tokens."""
+
+    def __init__(self, app) -> None:
+        self.client = app.test_client()
+        self.tokens: dict[str, str] = {}
+
+    def get(self, path: str):
+        return self.client.get(path, base_url="http://127.0.0.1:8080")
+
+    def post(self, path: str, **form):
+        page = "/" if path == "/start" else "/".join(path.split("/")[:3])
+        if page not in self.tokens:
+            self.tokens[page] = re.search(r'name="token" value="([0-9a-f]+)"', self.get(page).get_data(True)).group(1)
+        return self.client.post(path, data={"token": self.tokens[page], **form}, base_url="http://127.0.0.1:8080")
+
+
+def test_practice_is_four_pairs_answered_right_with_hints_and_sides_drawn_per_participant(tmp_path):
+    from liqe_dist.gmad.study_app import create_app, practice_images
+
+    pairs_csv = make_pairs_folder(tmp_path / "pairs", size=(120, 80))
+    pairs = read_pairs(pairs_csv)
+    plans = {who: practice_plan(who, StudySettings()) for who in (f"p{i}" for i in range(8))}
+    assert all([(s.kind, s.image) for s in plan] == [("obvious", "blurred"), ("same", "identical"),
+                                                    ("obvious", "noisy"), ("same", "near")] for plan in plans.values())
+    assert plans["p0"] == practice_plan("p0", StudySettings())                # reproducible
+    assert len({tuple(s.original_left for s in plan) for plan in plans.values()}) > 1  # sides differ between people
+    assert any(practice_plan(w, StudySettings(seed=1)) != plans[w] for w in plans)       # and between seeds
+    images = practice_images(pairs.pairs[0].images["best"])
+    assert images["identical"] == images["original"] and images["near"] != images["original"]
+
+    for scale in ("buttons", "slider"):
+        settings = StudySettings(scale=scale)
+        app = create_app(pairs, tmp_path / f"{scale}.sqlite", settings)
+        db = app.extensions["study_db"]
+        c = Client(app)
+        assert c.post("/start", participant="ann").status_code == 303
+        plan = practice_plan("ann", settings)
+        value = ("value", "answer")[scale == "buttons"]
+        for step in plan:
+            page = c.get("/p/ann").get_data(True)
+            assert f"practice {step.step + 1} of {len(PRACTICE)}" in page and 'data-practice="1"' in page
+            served = {side: c.get(f"/p/ann/practice/{step.step}/{side}").get_data() for side in ("left", "right")}
+            assert served == {side: images[step.side_image(side)][0] for side in ("left", "right")}
+            if scale == "buttons":
+                wrong = ["same", "right" if step.better == "left" else "left"] if step.better else ["left", "right"]
+                right = [step.better or "same"]
+            elif step.better:
+                sign = -1 if step.better == "left" else 1
+                wrong, right = ["0", str(-sign * 50)], [str(sign)]
+            else:
+                wrong, right = [str(SAME_TOLERANCE + 1), str(-SAME_TOLERANCE - 1)], [str(SAME_TOLERANCE)]
+            for answer in wrong:
+                response = c.post("/p/ann/practice", step=str(step.step), **{value: answer})
+                assert response.status_code == 303 and response.location.endswith("/p/ann?hint=1"), answer
+                assert db.status("ann").practice_step == step.step                # the same pair again
+            hint = c.get("/p/ann?hint=1").get_data(True)
+            assert "Not quite" in hint and ("the same" in hint or "middle" in hint if not step.better
+                                            else f"the {step.better} one is better" in hint)
+            assert c.post("/p/ann/practice", step=str(step.step + 1 if step.step < 3 else 0),
+                          **{value: right[0]}).status_code == 409                 # not the pair shown
+            assert c.post("/p/ann/practice", step=str(step.step), **{value: right[0]}).status_code == 303
+        assert db.status("ann").practice_done and 'data-practice="0"' in c.get("/p/ann").get_data(True)
+        assert read_study(db.path).judgments == []                              # practice is not recorded
+        assert c.post("/p/ann/practice", step="3", **{value: right[0]}).status_code == 409
+        assert c.get("/p/ann/practice/4/left").status_code == 404
+        # the other scale's field is refused
+        other = {"answer": "left"} if scale == "slider" else {"value": "10"}
+        assert c.post("/p/ann/answer", position="0", **other).status_code == 400
+
+
+SCHEMA_1 = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS participants (
+    id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    practice_done INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS trials (
+    participant TEXT NOT NULL REFERENCES participants(id),
+    position INTEGER NOT NULL,
+    pair INTEGER NOT NULL,
+    repeat INTEGER NOT NULL CHECK (repeat IN (0, 1)),
+    left TEXT NOT NULL CHECK (left IN ('best', 'worst')),
+    PRIMARY KEY (participant, position)
+);
+CREATE TABLE IF NOT EXISTS answers (
+    participant TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    answer TEXT NOT NULL CHECK (answer IN ('left', 'right', 'same')),
+    chosen TEXT NOT NULL CHECK (chosen IN ('best', 'worst', 'same')),
+    response_ms INTEGER,
+    answered_at REAL NOT NULL,
+    PRIMARY KEY (participant, position),
+    FOREIGN KEY (participant, position) REFERENCES trials(participant, position)
+);
+"""  # the previous version's SCHEMA, as it made databases
+
+
+def test_a_schema_1_database_is_read_and_migrated(tmp_path):
+    from liqe_dist.gmad.study_db import Display
+
+    pairs_csv = make_pairs_folder(tmp_path / "pairs")
+    pairs = read_pairs(pairs_csv)
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript(SCHEMA_1)
+    con.executemany("INSERT INTO meta VALUES (?, ?)", [
+        ("schema", "1"), ("pairs_sha256", pairs.sha256), ("pairs", "6"), ("repeat_fraction", "0.1"),
+        ("repeat_gap", "3"), ("seed", "0"), ("form_secret", "ab" * 32)])
+    con.executemany("INSERT INTO participants VALUES (?, ?, ?)", [("ann", 1.0, 1), ("bob", 2.0, 0)])
+    old = schedule([p.pair for p in pairs.pairs], "ann", StudySettings(schedule="random"))
+    con.executemany("INSERT INTO trials VALUES ('ann', ?, ?, ?, ?)",
+                    [(i, p, int(r), s) for i, (p, r, s) in enumerate(old)])
+    chosen = ["best", "worst", "same"]
+    con.executemany("INSERT INTO answers VALUES ('ann', ?, ?, ?, 700, 5.0)", [
+        (i, "same" if c == "same" else ("left" if old[i][2] == c else "right"), c) for i, c in enumerate(chosen)])
+    con.commit()
+    con.close()
+
+    keys = {"participant", "position", "pair", "repeat", "left", "answer", "chosen", "response_ms", "answered_at",
+            "value", "left_w", "left_h", "right_w", "right_h", "window_w", "window_h", "dpr", "display_scale"}
+    before = read_study(path)                                                    # read as it is, without writing
+    assert before.meta["schema"] == "1" and [set(j) for j in before.judgments] == [keys] * 3
+    assert [j["value"] for j in before.judgments] == [100.0, -100.0, 0.0]
+    assert all(j["left_w"] is None and j["display_scale"] is None for j in before.judgments)
+    assert StudyDB.settings_of(path) == StudySettings(scale="buttons", schedule="random")   # what it did
+    with pytest.raises(StudyError, match="made with --scale buttons, --schedule random"):
+        StudyDB(path, pairs, StudySettings())
+    assert read_study(path).meta["schema"] == "1"                                # a refused open changes nothing
+
+    db = StudyDB(path, pairs, StudyDB.settings_of(path))                         # the server's open migrates
+    after = read_study(path)
+    assert after.meta["schema"] == "2" and after.meta["scale"] == "buttons" and after.meta["schedule"] == "random"
+    assert after.judgments == before.judgments
+    assert db.status("ann").practice_done and db.status("ann").done == 3
+    assert not db.status("bob").practice_done and db.status("bob").practice_step == 0
+    db.answer("ann", 3, "left", 500, display=Display(300, 200, 300, 200, 1200, 800, 1.0, 1.0))
+    last = read_study(path).judgments[-1]
+    assert last["value"] == (100.0 if old[3][2] == "best" else -100.0) and last["window_w"] == 1200
+    StudyDB(path, pairs, StudyDB.settings_of(path))                              # opening again: nothing to do
+    assert len(read_study(path).judgments) == 4
+    con = sqlite3.connect(path)
+    con.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
+    con.commit()
+    con.close()
+    with pytest.raises(StudyError, match="schema '3'"):
+        StudyDB(path, pairs, StudyDB.settings_of(path))

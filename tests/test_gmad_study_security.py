@@ -21,8 +21,10 @@ import pytest
 from liqe_dist.gmad.pairs import read_pairs
 from liqe_dist.gmad.search import GMADError
 from liqe_dist.gmad.study_app import check_listen, create_app, parse_public_url
-from liqe_dist.gmad.study_db import StudyDB, StudyError, StudySettings
+from liqe_dist.gmad.study_db import StudyDB, StudyError, StudySettings, practice_plan, read_study
 from test_gmad_study import SECRET, Server, pairs_dir  # noqa: F401 - pairs_dir is a fixture
+
+BUTTONS = StudySettings(scale="buttons", schedule="random")  # what these tests were written for
 
 BASE = "http://127.0.0.1:8080"  # the address create_app answers to by default
 TOKEN = re.compile(r'name="token" value="([0-9a-f]+)"')
@@ -46,16 +48,21 @@ class Browser:
         return found.group(1) if found else ""
 
     def start(self, participant: str, practice: bool = True) -> str:
-        """Register ``participant`` (and pass the practice); returns their form token."""
+        """Register ``participant`` (and pass the four practice pairs); returns their form token."""
         assert self.post("/start", {"participant": participant, "token": self.token("/")}).status_code == 303
         token = self.token(f"/p/{participant}")
         if practice:
-            assert self.post(f"/p/{participant}/practice", {"answer": "left", "token": token}).status_code == 303
+            settings = self.app.extensions["study_db"].settings
+            for step in practice_plan(participant, settings):
+                answer = ({"answer": step.better or "same"} if settings.scale == "buttons" else
+                          {"value": {"left": "-50", "right": "50", None: "0"}[step.better]})
+                assert self.post(f"/p/{participant}/practice", {"step": str(step.step), **answer,
+                                                                 "token": token}).status_code == 303
         return token
 
 
-def make_app(pairs_csv: Path, db: Path, **kw):
-    return create_app(read_pairs(pairs_csv), db, StudySettings(), **kw)
+def make_app(pairs_csv: Path, db: Path, settings: StudySettings = BUTTONS, **kw):
+    return create_app(read_pairs(pairs_csv), db, settings, **kw)
 
 
 @pytest.fixture
@@ -126,7 +133,7 @@ def test_forged_posts_foreign_hosts_and_framing_are_refused(browser, pairs_dir, 
     assert answers(db, "bob") == [(0, "left"), (1, "left")]
     # DNS rebinding: the attacker's name resolves to us, the browser sends it as Host
     for host in ("http://evil.example:8080", "http://evil.example", "http://127.0.0.1:9999", "http://localhost"):
-        for path in ("/", "/p/bob", "/p/bob/image/2/left", "/practice/original"):
+        for path in ("/", "/p/bob", "/p/bob/image/2/left", "/p/bob/practice/0/left"):
             response = browser.get(path, base_url=host)
             assert response.status_code == 421, (host, path)
             assert SECRET not in response.get_data(as_text=True)
@@ -160,15 +167,15 @@ def test_forged_posts_foreign_hosts_and_framing_are_refused(browser, pairs_dir, 
 
 @pytest.mark.slow
 def test_waitress_refuses_foreign_hosts_and_forged_posts(pairs_dir, tmp_path):  # noqa: F811
-    server = Server(pairs_dir / "pairs.csv", tmp_path / "w.sqlite")
+    server = Server(pairs_dir / "pairs.csv", tmp_path / "w.sqlite")  # the default: the slider
     try:
         assert server.post("/start", participant="kim") == 303
         assert server.request("GET", "/", headers={"Host": f"127.0.0.1:{server.port}"})[0] == 200
         assert server.request("GET", "/", headers={"Host": "rebound.example"})[0] == 421
         assert server.request("GET", "/p/kim", headers={"Host": f"rebound.example:{server.port}"})[0] == 421
-        form = f"answer=left&token={server.token('/p/kim')}"
+        form = f"step=0&value=-40&token={server.token('/p/kim')}"
         assert server.request("POST", "/p/kim/practice", form, {"Origin": "http://evil.example"})[0] == 403
-        assert server.request("POST", "/p/kim/practice", "answer=left")[0] == 403
+        assert server.request("POST", "/p/kim/practice", "step=0&value=-40")[0] == 403
         assert server.request("POST", "/p/kim/practice", form,
                               {"Origin": f"http://127.0.0.1:{server.port}"})[0] == 303
     finally:
@@ -374,3 +381,32 @@ def test_any_character_in_a_pairs_field_round_trips(pairs_dir, tmp_path):  # noq
     assert [p.sources["best"] for p in read] == [r["best_source"] for r in rows]
     assert [p.keys["worst"] for p in read] == [r["worst_key"] for r in rows]
     assert [p.pair for p in read] == [int(r["pair"]) for r in rows]
+
+
+# --- 10. the slider's value and the display fields go through the same checks ----------------
+
+def test_slider_and_display_fields_are_checked_and_need_the_token(pairs_dir, tmp_path):  # noqa: F811
+    db = tmp_path / "s.sqlite"
+    browser = Browser(make_app(pairs_dir / "pairs.csv", db, StudySettings()))  # the slider
+    token = browser.start("ivy")
+    good = {"value": "-40", "position": "0", "left_w": "300", "left_h": "200.5", "right_w": "300",
+            "right_h": "200.5", "window_w": "1400", "window_h": "800", "dpr": "1.25", "display_scale": "0.533333"}
+    assert browser.post("/p/ivy/answer", good).status_code == 403                      # no token
+    assert browser.post("/p/ivy/answer", good | {"token": token}, headers={"Origin": "http://evil.example"}
+                        ).status_code == 403
+    bad = [{"value": "101"}, {"value": "-101"}, {"value": "1.5"}, {"value": "+5"}, {"value": "-"}, {"value": ""},
+           {"value": "9" * 5000}, {"value": "１"}, {"value": ["1", "2"]}, {"answer": "left"},
+           {"left_w": "0"}, {"left_w": "-3"}, {"left_w": "nan"}, {"left_w": "inf"}, {"left_w": "1e3"},
+           {"right_h": "100001"}, {"window_w": "0"}, {"window_h": "2.5"}, {"dpr": "0"}, {"dpr": "16.5"},
+           {"display_scale": "0"}, {"display_scale": "1.000001"}, {"display_scale": "٠.5"}]
+    for change in bad:
+        body = good | {"token": token} | change
+        response = browser.client.post("/p/ivy/answer", data=body, base_url=BASE)
+        assert response.status_code == 400, (str(change)[:40], response.status_code)
+    assert answers(db, "ivy") == []
+    assert browser.post("/p/ivy/answer", {"value": "7", "position": "0", "token": token}).status_code == 303
+    assert browser.post("/p/ivy/answer", good | {"position": "1", "token": token}).status_code == 303
+    first, second = read_study(db).judgments
+    assert first["left_w"] is None and first["dpr"] is None                              # not sent: NULL
+    assert (second["left_h"], second["window_w"], second["dpr"], second["display_scale"]) == (200.5, 1400, 1.25,
+                                                                                            0.533333)

@@ -42,6 +42,7 @@ class GmadPair:
     keys: dict[str, str]
     sources: dict[str, str]
     images: dict[str, Path]
+    level_images: int | None = None  # N_jk: the defender's images in the level's window (None: not recorded)
 
 
 @dataclass(frozen=True)
@@ -95,10 +96,17 @@ def read_pairs(path: str | Path, need_images: bool = True) -> PairsFile:
         seen.add(pair)
         if not row["defender"] or not row["attacker"] or row["defender"] == row["attacker"]:
             raise GMADError(f"{path}, line {line}: defender and attacker must be two named models")
+        level_images = None
+        if row.get("level_images", "").strip():
+            raw_n = row["level_images"].strip()
+            if not raw_n.isascii() or not raw_n.isdigit() or int(raw_n) < 1:
+                raise GMADError(f"{path}, line {line}: level_images must be a whole number >= 1, got {raw_n!r}")
+            level_images = int(raw_n)
         images = {side: _image_file(images_dir, pair, side) if need_images else Path() for side in SIDES}
         pairs.append(GmadPair(pair=pair, defender=row["defender"], attacker=row["attacker"], level=level,
                               keys={s: row[f"{s}_key"] for s in SIDES},
-                              sources={s: row[f"{s}_source"] for s in SIDES}, images=images))
+                              sources={s: row[f"{s}_source"] for s in SIDES}, images=images,
+                              level_images=level_images))
     if not pairs:
         raise GMADError(f"{path}: no pairs")
     models: list[str] = []

@@ -2,16 +2,38 @@
 
 Pages, in the order a participant meets them:
 - ``/``: enter a participant id (the same id later resumes where it stopped);
-- ``/p/<id>``: the instructions with one practice pair (an image beside a strongly blurred copy of
-  itself; not recorded), then one trial at a time until every trial is answered, then a thank-you;
-- ``POST /p/<id>/answer``: ``position`` (the trial shown), ``answer`` (left, right, same),
-  optional ``response_ms``, ``token``; the answer is committed before the next trial is sent.
+- ``/p/<id>``: the instructions with four practice pairs (``study_db.practice_plan``; not
+  recorded; a wrong answer shows a hint and the pair again), then one trial at a time until every
+  trial is answered, then a thank-you;
+- ``POST /p/<id>/practice``: ``step`` (the practice pair shown), the answer, ``token``;
+- ``POST /p/<id>/answer``: ``position`` (the trial shown), the answer: ``answer`` (left, right,
+  same) with ``--scale buttons``, ``value`` (the slider, an integer in [−100, 100], negative:
+  left is better) with ``--scale slider``; optional ``response_ms`` and the display fields
+  (``left_w``, ``left_h``, ``right_w``, ``right_h``: CSS px in (0, 100000]; ``window_w``,
+  ``window_h``: integers in [1, 100000]; ``dpr`` in (0, 16]; ``display_scale`` in (0, 1]; each
+  absent or empty: NULL); ``token``. The answer is committed before the next trial is sent.
+
+Display, as the toolbox's ``image_compare_gui.m``: on a grey page (its figure colour [0.8 0.8
+0.8], #cccccc) both images side by side (centred together, 2rem apart; the toolbox centres them at
+¼ and ¾ of the screen) at their native pixel size, one image pixel on one device pixel (CSS
+size = natural size / ``devicePixelRatio``), never upscaled. When the pair does not fit the
+window (both widths and the gap; the height left by the controls), both are shrunk by the same
+factor, the smaller of the two fits, and the factor is sent with the answer with the sizes shown.
+EXIF orientation: the model reads the stored pixels without applying it (``data/images.py``
+decodes with Pillow and never transposes; ``gmad search`` copies the shards' bytes). CSS
+``image-orientation: none`` alone is not enough: Chromium still reports ``naturalWidth`` and
+``naturalHeight`` rotated (seen with the tests' chromium), and the native size is taken from
+them. So both are done: the page sets ``image-orientation: none`` on the images, and an image
+whose EXIF orientation is not 1 is served as the model read it (``as_model_reads``: the pixels
+``decode_image`` gives, as a lossless PNG without EXIF); every other image is served byte for
+byte as stored.
 
 Images are served only as ``/p/<id>/image/<position>/<left|right>`` (a trial's side) and
-``/practice/<original|blurred>``: numbers and fixed words that index the pairs read at start, so
-no text of a request reaches the file system. Anything malformed is a 4xx with a short page
-(400 bad form values, 404 unknown participant/trial/route, 409 an answer for a trial that is not
-the next one or before the practice, 413 oversized form).
+``/p/<id>/practice/<step>/<left|right>``: numbers and fixed words that index the pairs read at
+start (the practice images are made in memory from the first pair's best image), so no text of a
+request reaches the file system. Anything malformed is a 4xx with a short page (400 bad form
+values, 404 unknown participant/trial/route, 409 an answer for a trial or practice pair that is
+not the next one, or before the practice, 413 oversized form).
 
 Security rules (the server has no login, so these keep other sites and curious eyes out):
 - blind sides: an image response carries nothing of its role or file: no file name
@@ -39,6 +61,7 @@ import hmac
 import io
 import logging
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -49,15 +72,18 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import IntegerConverter
 
 from liqe_dist.gmad.pairs import MEDIA_TYPES, SIDES, PairsFile
-from liqe_dist.gmad.study_db import (ANSWERS, BUSY_TIMEOUT_S, PARTICIPANT_ID, Busy, Conflict, Status, StudyDB,
-                                     StudySettings)
+from liqe_dist.gmad.study_db import (ANSWERS, BUSY_TIMEOUT_S, DISPLAY_FIELDS, PARTICIPANT_ID, PRACTICE,
+                                     SAME_TOLERANCE, Busy, Conflict, Display, Status, StudyDB, StudySettings)
 
 log = logging.getLogger(__name__)
 
 MAX_RESPONSE_MS = 24 * 3600 * 1000
 MAX_THREADS = 256
 BUSY_RETRY_S = 2
-RESENT_FIELDS = ("participant", "position", "answer", "response_ms", "token")  # what a busy page sends again
+RESENT_FIELDS = ("participant", "position", "step", "answer", "value", "response_ms", *DISPLAY_FIELDS,
+                 "token")  # what a busy page sends again
+MAX_CSS_PX = 100_000.0
+NUMBER = re.compile(r"\d{1,9}(\.\d{1,12})?")  # a plain decimal: no sign, exponent, inf or nan
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 
@@ -68,21 +94,56 @@ class PositionConverter(IntegerConverter):
     regex = r"\d{1,9}"
 
 
-def practice_images(source: Path, size: int = 512) -> dict[str, bytes]:
-    """The practice pair: ``source`` fitted into ``size`` px, and a strongly blurred, blocky copy
-    (an obvious difference, so the practice teaches the keys, not the task's hard cases)."""
+def practice_images(source: Path, size: int = 512) -> dict[str, tuple[bytes, str]]:
+    """The practice images (name -> (bytes, media type)): ``original``, ``source`` fitted into
+    ``size`` px (never enlarged) as PNG; two strongly degraded copies, ``blurred`` (blurred and
+    blocky) and ``noisy`` (heavy noise), for the obvious pairs; ``identical`` (the same bytes) and
+    ``near`` (a JPEG of quality 95: imperceptibly different) for the "same" pairs."""
+    import numpy as np
     from PIL import Image, ImageFilter
 
     with Image.open(source) as img:
         img = img.convert("RGB")
         img.thumbnail((size, size))
-    out = {}
-    blurred = img.filter(ImageFilter.GaussianBlur(radius=max(2.0, min(img.size) / 60)))
-    for name, im in (("original", img), ("blurred", blurred)):
+
+    def encode(im, fmt: str, **kw) -> tuple[bytes, str]:
         buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=95 if name == "original" else 15)
-        out[name] = buf.getvalue()
-    return out
+        im.save(buf, fmt, **kw)
+        return buf.getvalue(), f"image/{fmt.lower()}"
+
+    pixels = np.asarray(img, dtype=np.float32)
+    noise = np.random.default_rng(0).normal(0.0, 60.0, pixels.shape)
+    noisy = Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8))
+    blurred = img.filter(ImageFilter.GaussianBlur(radius=max(2.0, min(img.size) / 60)))
+    original = encode(img, "PNG")
+    return {"original": original, "identical": original, "near": encode(img, "JPEG", quality=95),
+            "blurred": encode(blurred, "JPEG", quality=15), "noisy": encode(noisy, "JPEG", quality=30)}
+
+
+EXIF_MARKERS = (b"Exif", b"eXIf", b"EXIF")  # JPEG APP1, PNG chunk, WebP chunk: no marker, no orientation
+ORIENTATION_TAG = 0x0112
+
+
+def as_model_reads(data: bytes, media_type: str) -> tuple[bytes, str]:
+    """``data`` unchanged, unless it carries an EXIF orientation other than 1, which a browser
+    would apply and the model does not: then the pixels the model reads (``decode_image``, not
+    transposed) as a lossless PNG without EXIF. An image Pillow cannot read is left as it is."""
+    if not any(marker in data for marker in EXIF_MARKERS):
+        return data, media_type
+    from PIL import Image
+
+    from liqe_dist.data.images import ImageDecodeError, decode_image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.getexif().get(ORIENTATION_TAG, 1) == 1:
+                return data, media_type
+        pixels = decode_image(data)
+    except (ImageDecodeError, OSError, SyntaxError, ValueError):
+        return data, media_type
+    buf = io.BytesIO()
+    pixels.save(buf, "PNG")
+    return buf.getvalue(), "image/png"
 
 
 def form_token(secret: bytes, scope: str) -> str:
@@ -230,34 +291,53 @@ def create_app(pairs: PairsFile, db_path: str | Path, settings: StudySettings, h
     def participant_page(participant: str):
         status = known(participant)
         if not status.practice_done:
-            return render_template("trial.html", practice=True, participant=participant, done=status.done,
-                                   total=status.total, position=0, hint=request.args.get("hint") == "1",
-                                   token=token(participant))
+            step = db.practice(participant)[status.practice_step]
+            return render_template("trial.html", practice=step, steps=len(PRACTICE), participant=participant,
+                                   done=status.done, total=status.total, position=status.practice_step,
+                                   hint=request.args.get("hint") == "1", token=token(participant),
+                                   scale=settings.scale, tolerance=SAME_TOLERANCE)
         if status.finished:
             return render_template("done.html", participant=participant, total=status.total)
         # the images are fetched by position; the page needs no more than the next position
-        return render_template("trial.html", practice=False, participant=participant, done=status.done,
-                               total=status.total, position=status.done, hint=False, token=token(participant))
+        return render_template("trial.html", practice=None, participant=participant, done=status.done,
+                               total=status.total, position=status.done, hint=False, token=token(participant),
+                               scale=settings.scale)
+
+    def given_answer() -> tuple[str | None, int | None]:
+        """(button answer, slider value): the one field of this study's scale (400 otherwise)."""
+        other = "value" if settings.scale == "buttons" else "answer"
+        if _field(other) != "":
+            abort(400, f"this study answers with the {settings.scale}; {other} is not a field of it")
+        if settings.scale == "buttons":
+            return _answer_field(), None
+        return None, _int_field("value", -100, 100, required=True)
 
     @app.post("/p/<participant>/practice")
     def practice_answer(participant: str):
-        known(participant)
-        if _answer_field() != "left":  # the original is on the left: say so, and show the practice again
+        status = known(participant)
+        step = _int_field("step", 0, len(PRACTICE) - 1, required=True)
+        answer, slider = given_answer()
+        if step != status.practice_step:  # another tab, the back button, or the practice is over
+            return render_template("error.html", code=409, name="Conflict",
+                                   description=f"practice pair {step + 1} is not the one shown now",
+                                   next=url_for("participant_page", participant=participant)), 409
+        if not db.practice(participant)[step].correct(answer, slider):  # a hint, and the same pair again
             return redirect(url_for("participant_page", participant=participant, hint=1), 303)
-        db.finish_practice(participant)
+        db.pass_practice(participant, step)
         return redirect(url_for("participant_page", participant=participant), 303)
 
     @app.post("/p/<participant>/answer")
     def answer(participant: str):
         status = known(participant)
-        answer = _answer_field()
+        answer, slider = given_answer()
         position = _int_field("position", 0, 10_000_000, required=True)
         response_ms = _int_field("response_ms", 0, MAX_RESPONSE_MS, required=False)
+        display = _display_fields()
         if not status.practice_done:
-            return render_template("error.html", code=409, name="Conflict", description="the practice pair comes first",
+            return render_template("error.html", code=409, name="Conflict", description="the practice pairs come first",
                                    next=url_for("participant_page", participant=participant)), 409
         try:
-            db.answer(participant, position, answer, response_ms)
+            db.answer(participant, position, answer, response_ms, slider=slider, display=display)
         except LookupError as exc:
             abort(404, str(exc))
         except Conflict as exc:  # a second tab, or the browser's back button: show the way on
@@ -279,12 +359,16 @@ def create_app(pairs: PairsFile, db_path: str | Path, settings: StudySettings, h
             log.warning("image %s of pair %d is no longer a regular file in %s: not served", name, trial.pair, folder)
             abort(404, "no such trial")
         # bytes, not send_file: it would name the file (..._best.png) and derive an ETag from it
-        return Response(data, mimetype=MEDIA_TYPES[name.rsplit(".", 1)[1]],
-                        headers={"Cache-Control": "private, max-age=3600"})
+        data, media_type = as_model_reads(data, MEDIA_TYPES[name.rsplit(".", 1)[1]])
+        return Response(data, mimetype=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
-    @app.get("/practice/<any(original, blurred):which>")
-    def practice_image(which: str):
-        return Response(practice[which], mimetype="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+    @app.get("/p/<participant>/practice/<position:step>/<any(left, right):side>")
+    def practice_image(participant: str, step: int, side: str):
+        known(participant)
+        if step >= len(PRACTICE):
+            abort(404, "no such practice pair")
+        data, mimetype = practice[db.practice(participant)[step].side_image(side)]
+        return Response(data, mimetype=mimetype, headers={"Cache-Control": "private, max-age=3600"})
 
     @app.errorhandler(Busy)
     def busy(exc: Busy):
@@ -337,9 +421,28 @@ def _int_field(name: str, low: int, high: int, required: bool) -> int | None:
     raw = _field(name)
     if raw == "" and not required:
         return None
-    if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= high:
+    digits = raw[1:] if low < 0 and raw.startswith("-") else raw
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 12 or not low <= int(raw) <= high:
         abort(400, f"{name} must be an integer in [{low}, {high}]")
     return int(raw)
+
+
+def _number_field(name: str, high: float) -> float | None:
+    """An optional plain decimal in (0, ``high``] (None when absent or empty)."""
+    raw = _field(name)
+    if raw == "":
+        return None
+    if not raw.isascii() or not NUMBER.fullmatch(raw) or not 0 < float(raw) <= high:
+        abort(400, f"{name} must be a number in (0, {high:g}]")
+    return float(raw)
+
+
+def _display_fields() -> Display:
+    """How the page showed the trial (each field optional: NULL)."""
+    sizes = {k: _number_field(k, MAX_CSS_PX) for k in ("left_w", "left_h", "right_w", "right_h")}
+    window = {k: _int_field(k, 1, int(MAX_CSS_PX), required=False) for k in ("window_w", "window_h")}
+    return Display(**sizes, **window, dpr=_number_field("dpr", 16.0),
+                   display_scale=_number_field("display_scale", 1.0))
 
 
 def serve(app: Flask, host: str = "127.0.0.1", port: int = 8080, threads: int = 8) -> None:
