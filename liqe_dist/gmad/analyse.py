@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -203,7 +204,8 @@ def interval(samples: np.ndarray) -> np.ndarray:
     """(2, ...) the 2.5 and 97.5 percentiles over axis 0, NaN where no sample is finite."""
     if len(samples) == 0:
         return np.full((2, *samples.shape[1:]), np.nan)
-    with np.errstate(invalid="ignore"), _quiet_nan_warnings():
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "All-NaN slice": a cell unanswered in every resample
         return np.nanpercentile(samples, [2.5, 97.5], axis=0)
 
 
@@ -288,20 +290,6 @@ def consistency_rows(first: dict[tuple[str, int], float], again: dict[tuple[str,
 
 def _round(x: float) -> float:
     return round(float(x), 6) if math.isfinite(x) else float("nan")
-
-
-class _quiet_nan_warnings:
-    """numpy's "All-NaN slice" warning: a cell without answers in some resample is expected."""
-
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
 
 
 # --- the files ----------------------------------------------------------------------------------
