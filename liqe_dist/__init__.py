@@ -31,5 +31,5 @@ def load(name: str | None = None, checkpoint: str | None = None, pretrained: str
     from liqe_dist.models.registry import load_model
 
     device = resolve_device(device)
-    model = load_model(checkpoint, name, pretrained, resolve_precision(precision, str(device)))
+    model = load_model(checkpoint, name, pretrained, resolve_precision(precision, str(device)), requested=precision)
     return Scorer(model, batch_images=batch_images, device=device)

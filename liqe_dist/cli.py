@@ -48,7 +48,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         log.warning("no --checkpoint or --pretrained: %s has random weights, scores are meaningless",
                     args.model or "ViT-B-32")
     try:
-        model = load_model(args.checkpoint, args.model, args.pretrained, resolve_precision(args.precision, str(device)))
+        model = load_model(args.checkpoint, args.model, args.pretrained, resolve_precision(args.precision, str(device)),
+                           requested=args.precision)
     except (CheckpointError, ValueError, RuntimeError) as exc:  # unreadable or unfitting weights, bad name
         log.error("%s", exc)
         return 2
@@ -88,11 +89,12 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from liqe_dist.data.packing import PackConfig, pack_records
     from liqe_dist.outputs import plain_name
 
+    options = _adapter_options(args)  # first: an option for another format is refused before any work
     if args.format == "folder":
         return _pack_corpus(args)
     name = args.name if args.name is not None else args.format
     plain_name(name, "--name")
-    records = read_dataset(args.format, Path(args.root), name, Path(args.lists) if args.lists else None)
+    records = read_dataset(args.format, Path(args.root), name, Path(args.lists) if args.lists else None, options)
     cfg = PackConfig(shard_max_bytes=int(args.shard_max_mb * 1024 * 1024), shard_max_count=args.shard_max_count,
                      splits=args.splits, seed=args.seed, order=args.order, order_seed=args.order_seed,
                      workers=args.workers, max_pixels=int(args.max_megapixels * 1_000_000))
@@ -103,7 +105,23 @@ def cmd_pack(args: argparse.Namespace) -> int:
     log.info("%s", result.summary(name))
     if result.rejected:
         log.warning("%d image(s) rejected: see %s", result.rejected, result.out_dir / "rejects.tsv")
+    if result.left_out:
+        log.warning("%d entr%s left out by the %s adapter: see %s", result.left_out,
+                    "y" if result.left_out == 1 else "ies", args.format, result.out_dir / "rejects.tsv")
     return 0
+
+
+def _adapter_options(args: argparse.Namespace) -> dict:
+    """The reader options ``pack`` passes to the format's adapter (``--live-dmos``); an option
+    given for a format that does not take it is an error rather than silently ignored."""
+    options = {}
+    if args.live_dmos is not None:
+        if args.format != "live":
+            raise ValueError(f"--live-dmos applies to the live format only, not {args.format}")
+        if args.lists:
+            raise ValueError("--live-dmos cannot be used with --lists (the lists carry the labels)")
+        options["dmos"] = args.live_dmos
+    return options
 
 
 def _pack_corpus(args: argparse.Namespace) -> int:
@@ -396,16 +414,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         torch.manual_seed(cfg.seed)  # the initial weights training with this config would start from
         model, label, crops = build_model(model_cfg), model_cfg.label, cfg.crops
         shards = args.shards or [d.shards for d in cfg.datasets]
+        sets = args.shards or cfg.datasets  # a config's datasets bring their resize and label
         split = cfg.split if args.split is None else args.split
         batch = cfg.eval_batch
     else:
         if args.set or args.print_config:
             raise ConfigError(f"{'--set' if args.set else '--print-config'} needs --config")
-        model = load_model(args.checkpoint, args.model, args.pretrained, precision or "fp32")
+        model = load_model(args.checkpoint, args.model, args.pretrained, precision or "fp32", requested=args.precision)
         weights = (Path(args.checkpoint).name if args.checkpoint
                    else f"pretrained {args.pretrained}" if args.pretrained else "random")
         label = f"{model.family} ({weights})"
         crops, shards, split, batch = default_crops(model), args.shards, args.split or 0, 8
+        sets = shards
     if not shards:
         raise ConfigError("no shard sets: give SHARDS or --config")
     if args.out:
@@ -418,7 +438,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 "train_config": resolved_config(cfg) if args.config else None})
         write_run_record(args.out, precision=precision_name(model.dtype), device=str(device))
     log.info("evaluating: %s", describe_run(model, device, crops, batch))
-    results = evaluate_shards(model.to(device), shards, split, args.part, crops, batch, args.workers,
+    results = evaluate_shards(model.to(device), sets, split, args.part, crops, batch, args.workers,
                               progress=not args.no_progress)
     what = "whole sets" if args.part == "all" else f"{args.part} part of split {split}"
     print(f"\n{what}, {crops.eval_crops} crops per image\n")
@@ -465,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-duplicates", action="store_true",
                    help="folder: leave out images whose decoded pixels equal an earlier image's (always reported)")
     p.add_argument("--lists", help="reference label lists: a list file, or a folder of split folders 1..10")
+    p.add_argument("--live-dmos", choices=["auto", "original", "realigned"],
+                   help="live: labels from dmos.mat (original), or dmos_realigned.mat (realigned: the PMT-IQA "
+                        "code's; negative entries left out); auto (default): dmos.mat if present")
     p.add_argument("--out", default="shards", help="shard sets go to OUT/NAME")
     p.add_argument("--splits", type=int, default=10)
     p.add_argument("--seed", type=int, default=0, help="seed of the ten splits")

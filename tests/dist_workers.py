@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from liqe_dist.dist.local_group import init_local_rank
 
@@ -214,8 +215,11 @@ def cpu_engine_on_a_cuda_machine_rank(rank: int, world: int, port: int, out: str
     dist.destroy_process_group()
 
 
-FAMILY_WEIGHTS = {"liqe": WEIGHTS, "pmt_iqa": {"classification": 0.6, "regression": 1.4}}
+FAMILY_WEIGHTS = {"liqe": WEIGHTS, "pmt_iqa": {"classification": 0.6, "regression": 1.4},
+                  "pmt_reference": {"classification": 0.9602831644731372, "regression": 0.9419036108703593}}
 PMT_TINY = {"width": 8}
+#: PMT-IQA's reference regime: one dataset (BID), raw labels, the public code's class rule.
+PMT_REFERENCE = {**PMT_TINY, "recipe": "reference", "class_datasets": ("bid",), "target_range": (0.0, 5.0)}
 
 
 def build_family(workdir: Path, family: str):
@@ -228,7 +232,7 @@ def build_family(workdir: Path, family: str):
     from liqe_dist.models.pmt_iqa.config import PMTIQAConfig
     from liqe_dist.models.pmt_iqa.model import PMTIQA
 
-    model = PMTIQA(PMTIQAConfig(**PMT_TINY))
+    model = PMTIQA(PMTIQAConfig(**(PMT_REFERENCE if family == "pmt_reference" else PMT_TINY)))
     model.load_state_dict(torch.load(workdir / "pmt_init.pt", weights_only=True))
     use_global_batchnorm(model)
     return model.double().train()  # float64: 50 layers of batch norm on 14 crops amplify float32 rounding
@@ -246,10 +250,15 @@ def make_pmt_init(workdir: Path, seed: int = 0) -> None:
     batch["mos_unit"] = unit_mos(batch["mos"], batch["dataset"], [(1.0, 3.0), (20.0, 70.0)])
     torch.save(batch, workdir / "batch.pt")
     torch.save({**batch, "images": batch["images"].double()}, workdir / "batch64.pt")
+    # The reference regime's batch: one dataset (BID, MOS 0..5) whose batch norm statistics are
+    # the global batch's; MOS on the class edges (2.5 -> 5, 5.0 -> 10 clipped to 9).
+    bid = torch.tensor([3.0, 4.9, 1.5, 2.5, 3.0, 5.0, 0.4])[:batch["mos"].shape[0]]
+    torch.save({**batch, "images": batch["images"].double(), "dataset": torch.zeros_like(batch["dataset"]),
+                "mos": bid, "mos_unit": bid / 5.0}, workdir / "batch64_reference.pt")
 
 
 def problem_batch(family: str) -> str:
-    return "batch64.pt" if family == "pmt_iqa" else "batch.pt"
+    return {"pmt_iqa": "batch64.pt", "pmt_reference": "batch64_reference.pt"}.get(family, "batch.pt")
 
 
 def seam_step(model, batch: dict, family: str, step):
@@ -307,5 +316,86 @@ def seam_invariance_rank(rank: int, world: int, port: int, workdir: str, family:
         torch.save({"loss": loss.detach(), "grads": grads, "updates": updates,
                     "counts": {k: t.count for k, t in terms.items()}},
                    workdir / f"seam_{family}_{world}_{stage}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def optimizer_reset_rank(rank: int, world: int, port: int, out: str, stage: int) -> None:
+    """Two Adam steps, a reset, a third step; and a fresh engine started from the weights after
+    two steps taking that third step: rank 0 saves both models' parameters after it."""
+    from liqe_dist.dist.engine import OptimConfig, build_engine, reset_optimizer_state
+
+    init_rank(rank, world, port)
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 5), torch.randn(8, 1)
+    cfg = OptimConfig(optimizer="adam", lr=0.1, weight_decay=1e-3, schedule="constant", zero_stage=stage,
+                      precision="fp32")
+
+    def step(engine):
+        loss = ((engine.module(x) - y) ** 2).mean()
+        engine.backward(loss)
+        engine.step()
+
+    torch.manual_seed(1)
+    a, _, _ = build_engine(nn.Linear(5, 1), cfg, total_steps=10)
+    step(a)
+    step(a)
+    after_two = {k: v.detach().clone() for k, v in a.module.state_dict().items()}
+    reset_optimizer_state(a.optimizer)
+    empty = not any(len(s) for s in _inner(a.optimizer).state.values())
+    step(a)
+    fresh_module = nn.Linear(5, 1)
+    fresh_module.load_state_dict(after_two)
+    b, _, _ = build_engine(fresh_module, cfg, total_steps=10)
+    step(b)
+    torch.manual_seed(1)
+    c, _, _ = build_engine(nn.Linear(5, 1), cfg, total_steps=10)  # three steps without the reset
+    for _ in range(3):
+        step(c)
+    if rank == 0:
+        torch.save({"reset": dict(a.module.state_dict()), "fresh": dict(b.module.state_dict()),
+                    "kept": dict(c.module.state_dict()), "after_two": after_two, "empty": empty}, Path(out))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _inner(optimizer):
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def pmt_bf16_evaluation_rank(rank: int, world: int, port: int, workdir: str) -> None:
+    """A bf16 PMT-IQA engine after one step: the module evaluation runs (float32, the masters)
+    against the engine's bf16 module; rank 0 saves both predictions and the masters."""
+    from liqe_dist.dist.batchnorm import use_global_batchnorm
+    from liqe_dist.dist.collectives import shard_range
+    from liqe_dist.dist.engine import OptimConfig, build_engine, evaluation_module, master_state_dict
+    from liqe_dist.models.pmt_iqa.config import PMTIQAConfig
+    from liqe_dist.models.pmt_iqa.model import PMTIQA
+    from liqe_dist.train.weighting import weighted_total
+
+    workdir = Path(workdir)
+    init_rank(rank, world, port)
+    batch = torch.load(workdir / "batch.pt", weights_only=True)
+    start, stop = shard_range(batch["images"].shape[0], world, rank)
+    model = PMTIQA(PMTIQAConfig(**PMT_TINY))
+    model.load_state_dict(torch.load(workdir / "pmt_init.pt", weights_only=True))
+    use_global_batchnorm(model)
+    engine, _, _ = build_engine(model.train(), OptimConfig(zero_stage=1, precision="bf16", lr=1e-3), total_steps=10)
+    local = {k: v[start:stop] for k, v in batch.items()}
+    engine.backward(weighted_total(engine.module.training_losses(local), FAMILY_WEIGHTS["pmt_iqa"]))
+    engine.step()
+    masters = master_state_dict(engine)
+    evaluated = evaluation_module(engine).eval()
+    engine.module.eval()
+    images = batch["images"][:3]
+    with torch.no_grad():
+        full, low = evaluated.predict(images).quality, engine.module.predict(images).quality
+    if rank == 0:
+        torch.save({"full": full, "low": low, "masters": masters, "dtype": str(evaluated.dtype),
+                    "engine_dtype": str(engine.module.dtype),
+                    "state": {k: v.detach().clone() for k, v in evaluated.state_dict().items()}},
+                   workdir / f"pmt_bf16_eval_{world}.pt")
     dist.barrier()
     dist.destroy_process_group()

@@ -155,6 +155,7 @@ def test_analysis_gives_the_hand_computed_matrices(study):
     assert float(unscreened[1]["a"]) == pytest.approx(A_BA)
 
 
+@pytest.mark.slow  # 8-19 s of CLI runs: the full suite runs it
 def test_uniform_level_weights_and_bad_options(study, tmp_path):
     root, _ = study
     proc = run_analyse(str(root / "pairs.csv"), "--db", str(root / "study.sqlite"), "--out", str(tmp_path / "o"),
@@ -201,6 +202,7 @@ def test_pairwise_label_files_are_checked(tmp_path):
         read_pairwise_labels(bad)
 
 
+@pytest.mark.slow  # 8-19 s of CLI runs: the full suite runs it
 def test_out_must_be_a_folder_the_command_owns_apart_from_its_inputs(study, tmp_path, caplog):
     from liqe_dist.cli import main
 
@@ -343,6 +345,7 @@ def test_screening_rejects_a_constructed_outlier_and_matches_the_written_out_rul
         assert (s.kept == (np.isfinite(x) & ~s.outliers & ~s.rejected[:, None])).all()
 
 
+@pytest.mark.slow  # 8-19 s of CLI runs: the full suite runs it
 def test_an_answers_csv_gives_the_same_verdict_as_the_database(study, tmp_path):
     root, _ = study
     pairs = read_pairs(root / "pairs.csv", need_images=False)

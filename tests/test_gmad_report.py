@@ -79,6 +79,7 @@ def test_pairs_csv_matches_the_search_and_images_are_the_originals(scored, tmp_p
     assert json.loads((tmp_path / "g" / "run.json").read_text())["runs"][-1]["pairs"] == len(rows)
 
 
+@pytest.mark.slow  # 8-19 s of CLI runs: the full suite runs it
 def test_without_reuse_the_order_of_models_changes_nothing(scored, tmp_path):
     """--no-reuse: each image in one pair at most, and --models a b c, c a b and b c a give the same
     pairs (listed in the order given); every pair's two image files are written."""
@@ -117,6 +118,7 @@ def test_reused_images_are_copied_for_every_pair(scored, tmp_path):
     assert len(read_pairs(out / "pairs.csv").pairs) == len(rows)
 
 
+@pytest.mark.slow  # 8-19 s of CLI runs: the full suite runs it
 def test_search_options_are_checked_naming_the_flag(scored, tmp_path):
     root, _ = scored
     for args, message in ((["--trim", "0.05"], "--trim applies to --levels-rule uniform or quantile"),
@@ -158,6 +160,7 @@ def test_page_opens_in_headless_chromium(scored, tmp_path):
     assert image.std() > 30  # noise images and text, not a blank page
 
 
+@pytest.mark.slow  # 8-19 s of CLI runs: the full suite runs it
 def test_missing_model_and_constant_defender_are_clear_errors(scored, tmp_path):
     root, _ = scored
     proc = run_gmad(str(root / "scores"), "--models", "a", "zzz", "--out", str(tmp_path / "g"))
@@ -192,6 +195,7 @@ def test_out_must_be_a_folder_the_command_owns_apart_from_its_inputs(scored, tmp
     assert not (root / "scores" / "g").exists() and not (root / "shards" / "photos" / "g").exists()
 
 
+@pytest.mark.slow  # 8-19 s of CLI runs: the full suite runs it
 def test_a_rerun_replaces_its_own_outputs_only(scored, tmp_path):
     """The second search (fewer models and levels) into the same folder: images/ and sheets/ hold
     exactly the new pairs' files; the user's file beside them stays."""

@@ -70,6 +70,7 @@ def direct_scores(setup) -> dict[str, dict[str, float]]:
     return out
 
 
+@pytest.mark.slow  # 8-19 s of CLI runs: the full suite runs it
 def test_scores_equal_liqe_dist_score_once_per_key(setup, tmp_path):
     root, models = setup
     summary = score_shards([root / "shards" / "photos"], models, tmp_path / "s", precision="fp32", progress=False)

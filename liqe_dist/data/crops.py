@@ -17,10 +17,25 @@ The rules of the reference code, made explicit:
   resize rules (a 1 x 10 000 strip would otherwise be upsampled to 224 x 2 240 000). When the grid has fewer
   positions than crops asked for, evaluation spreads the crops over all positions
   (``floor(i * n / U)``), so each position is used about equally.
+
+Departures the PMT-IQA public code's pipeline needs (all off by default):
+
+* ``resize_to`` (width, height): the image is resized (PIL bilinear, as torchvision's
+  ``Resize((h, w))`` on a PIL image) to exactly that size, aspect not kept, in place of the
+  short-side-768 rule; ``max_aspect`` is checked first. The public code resizes BID with
+  ``Resize((512, 512))`` (512 x 512) and KonIQ with ``Resize((512, 384))``, which is (height,
+  width): a 1024 x 768 KonIQ image becomes 384 wide x 512 high, so ``resize_to: [384, 512]``.
+* ``positions="random"``: each crop's top-left is drawn uniformly over every pixel position,
+  top in [0, H - size], left in [0, W - size] (torchvision's ``RandomCrop``), for training and
+  evaluation crops. Evaluation draws from a generator seeded by a stable hash of the sample's
+  key (CRC-32, plus ``seed``), so its crops do not depend on ranks, world size or loader workers.
+* ``flip_per_crop``: with ``flip``, every training crop gets its own random horizontal flip (the
+  public code's per-patch ``RandomHorizontalFlip``) instead of one flip of the whole image.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -46,7 +61,7 @@ class ImageTooSmallError(ImageShapeError):
 
 @dataclass(frozen=True)
 class CropConfig:
-    """How crops are taken (defaults: the reference recipe)."""
+    """How crops are taken (defaults: the reference recipe; the module docstring has the rules)."""
 
     size: int = CROP
     train_crops: int = 3
@@ -58,6 +73,10 @@ class CropConfig:
     flip: bool = True
     small_images: Literal["upsample", "refuse"] = "upsample"
     max_aspect: float = 16.0  # long side / short side beyond which an image is refused
+    positions: Literal["grid", "random"] = "grid"  # random: any pixel position (PMT-IQA public code)
+    flip_per_crop: bool = False  # with flip: one flip per training crop, not per image (PMT-IQA public code)
+    resize_to: tuple[int, int] | None = None  # (width, height) px, replaces the short-side-768 rule
+    seed: int = 0  # mixed into the key hash that seeds random evaluation positions
 
     def __post_init__(self) -> None:
         for name in ("size", "train_crops", "eval_crops", "stride", "large_stride"):
@@ -67,6 +86,25 @@ class CropConfig:
             raise ValueError(f"crops.max_aspect must be >= 1, got {self.max_aspect}")
         if self.small_images not in ("upsample", "refuse"):
             raise ValueError(f"crops.small_images must be 'upsample' or 'refuse', got {self.small_images!r}")
+        if self.positions not in ("grid", "random"):
+            raise ValueError(f"crops.positions must be 'grid' or 'random', got {self.positions!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
+            raise ValueError(f"crops.seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if self.resize_to is not None:
+            # frozen and hashable: a YAML list is stored as a tuple
+            object.__setattr__(self, "resize_to", check_size(self.resize_to, "crops.resize_to", self.size))
+
+
+def check_size(value, key: str, crop: int | None = None) -> tuple[int, int]:
+    """``value`` as a (width, height) tuple of two positive ints (a list is accepted); with
+    ``crop``, neither side may be under it. ValueError naming ``key`` otherwise."""
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
+        raise ValueError(f"{key} must be two positive integers [width, height], got {value!r}")
+    size = (int(value[0]), int(value[1]))
+    if crop is not None and min(size) < crop:
+        raise ValueError(f"{key} {size[0]}x{size[1]} has a side under the crop size {crop} px")
+    return size
 
 
 @dataclass
@@ -81,15 +119,23 @@ class Crops:
 
 
 def fit_size(img: Image.Image, cfg: CropConfig = CropConfig(), source: str = "image") -> tuple[Image.Image, bool]:
-    """Apply the resize rules; returns the image and whether it was upsampled."""
+    """Apply the resize rules; returns the image and whether it was upsampled (a side under the
+    crop size was enlarged; with ``resize_to`` too, where that size does the enlarging)."""
     w, h = img.size
     if max(w, h) > cfg.max_aspect * min(w, h):
         raise ImageShapeError(f"{source}: {w}x{h} is thinner than 1:{cfg.max_aspect:g} (crops.max_aspect); "
                               "refused rather than resized")
-    if min(w, h) < cfg.size:
-        if cfg.small_images == "refuse":
-            raise ImageTooSmallError(f"{source}: {w}x{h} has a side under {cfg.size} px "
-                                     "(crops.small_images is 'refuse')")
+    small = min(w, h) < cfg.size
+    if small and cfg.small_images == "refuse":
+        raise ImageTooSmallError(f"{source}: {w}x{h} has a side under {cfg.size} px "
+                                 "(crops.small_images is 'refuse')")
+    if cfg.resize_to is not None:
+        width, height = cfg.resize_to
+        # torchvision's Resize((h, w)) on a PIL image is PIL's bilinear resize to (w, h)
+        resized = img if img.size == (width, height) else TF.resize(
+            img, [height, width], interpolation=TF.InterpolationMode.BILINEAR)
+        return resized, small
+    if small:
         scale = cfg.size / min(w, h)
         new = (max(cfg.size, round(w * scale)), max(cfg.size, round(h * scale)))
         return img.resize(new, Image.BICUBIC), True
@@ -136,20 +182,48 @@ def train_indices(n: int, count: int, generator: torch.Generator | None = None) 
     return torch.randint(0, n, (count,), generator=generator).tolist()
 
 
+def random_positions(height: int, width: int, count: int, size: int = CROP,
+                     generator: torch.Generator | None = None) -> list[tuple[int, int]]:
+    """``count`` (top, left) drawn uniformly, top in [0, height - size] and left in
+    [0, width - size] (torchvision's ``RandomCrop.get_params``, every pixel position)."""
+    tops = torch.randint(0, height - size + 1, (count,), generator=generator)
+    lefts = torch.randint(0, width - size + 1, (count,), generator=generator)
+    return list(zip(tops.tolist(), lefts.tolist()))
+
+
+def key_generator(key: str, seed: int = 0) -> torch.Generator:
+    """A generator seeded by a stable hash of ``key`` (CRC-32; Python's ``hash`` of a string
+    changes between processes) and ``seed``: the same key draws the same crops on any rank.
+    ``seed`` is the CRC's start value (not high bits: torch's CPU generator keeps only the low
+    32 bits of a seed), so two seeds never give one key the same draw."""
+    return torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8", "surrogateescape"), seed))
+
+
+def eval_positions(height: int, width: int, cfg: CropConfig, key: str) -> list[tuple[int, int]]:
+    """(top, left) of the ``cfg.eval_crops`` evaluation crops of a ``height`` x ``width`` image
+    (after the resize rules): evenly spaced grid positions, or random ones drawn from ``key``."""
+    if cfg.positions == "random":
+        return random_positions(height, width, cfg.eval_crops, cfg.size, key_generator(key, cfg.seed))
+    grid = grid_positions(height, width, cfg)
+    return [grid[i] for i in eval_indices(len(grid), cfg.eval_crops)]
+
+
 def _cut(tensor: torch.Tensor, positions: list[tuple[int, int]], size: int) -> torch.Tensor:
     return torch.stack([tensor[:, t:t + size, l:l + size] for t, l in positions])
 
 
-def eval_crops(img: Image.Image, cfg: CropConfig = CropConfig(), source: str = "image") -> Crops:
-    """The ``cfg.eval_crops`` evaluation crops of an image."""
+def eval_crops(img: Image.Image, cfg: CropConfig = CropConfig(), source: str = "image",
+               key: str | None = None) -> Crops:
+    """The ``cfg.eval_crops`` evaluation crops of an image. ``key`` (the sample's shard key;
+    default ``source``) seeds random positions."""
     img, upsampled = fit_size(img, cfg, source)
     tensor = to_uint8_tensor(img)
-    grid = grid_positions(tensor.shape[1], tensor.shape[2], cfg)
-    picks = [grid[i] for i in eval_indices(len(grid), cfg.eval_crops)]
+    picks = eval_positions(tensor.shape[1], tensor.shape[2], cfg, source if key is None else key)
     return Crops(_cut(tensor, picks, cfg.size), img.size, upsampled)
 
 
-def eval_crop_sets(img: Image.Image, cfgs: list[CropConfig], source: str = "image") -> list[Crops]:
+def eval_crop_sets(img: Image.Image, cfgs: list[CropConfig], source: str = "image",
+                   key: str | None = None) -> list[Crops]:
     """:func:`eval_crops` for several configs (models of different families scoring one image):
     the image is resized and converted once per distinct resize rule, not once per config."""
     fitted: dict[CropConfig, tuple[torch.Tensor, tuple[int, int], bool]] = {}
@@ -160,19 +234,31 @@ def eval_crop_sets(img: Image.Image, cfgs: list[CropConfig], source: str = "imag
             resized, upsampled = fit_size(img, cfg, source)
             fitted[rule] = (to_uint8_tensor(resized), resized.size, upsampled)
         tensor, size, upsampled = fitted[rule]
-        grid = grid_positions(tensor.shape[1], tensor.shape[2], cfg)
-        picks = [grid[i] for i in eval_indices(len(grid), cfg.eval_crops)]
+        picks = eval_positions(tensor.shape[1], tensor.shape[2], cfg, source if key is None else key)
         out.append(Crops(_cut(tensor, picks, cfg.size), size, upsampled))
     return out
 
 
 def train_crops(img: Image.Image, cfg: CropConfig = CropConfig(), generator: torch.Generator | None = None,
                 source: str = "image") -> Crops:
-    """``cfg.train_crops`` random crops, after a random horizontal flip when ``cfg.flip``."""
+    """``cfg.train_crops`` random crops (grid or any position, ``cfg.positions``), after a random
+    horizontal flip when ``cfg.flip``: of the whole image, or of each crop with ``flip_per_crop``."""
     img, upsampled = fit_size(img, cfg, source)
-    if cfg.flip and torch.rand((), generator=generator).item() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    count = cfg.train_crops
+    if cfg.flip and cfg.flip_per_crop:
+        flips = (torch.rand((count,), generator=generator) < 0.5).tolist()
+    else:
+        # the draw order of the default (one flip, then positions) is kept so seeds reproduce
+        flips = [cfg.flip and torch.rand((), generator=generator).item() < 0.5] * count
     tensor = to_uint8_tensor(img)
-    grid = grid_positions(tensor.shape[1], tensor.shape[2], cfg)
-    picks = [grid[i] for i in train_indices(len(grid), cfg.train_crops, generator)]
-    return Crops(_cut(tensor, picks, cfg.size), img.size, upsampled)
+    height, width = tensor.shape[1], tensor.shape[2]
+    if cfg.positions == "random":
+        picks = random_positions(height, width, count, cfg.size, generator)
+    else:
+        grid = grid_positions(height, width, cfg)  # the same for the flipped image: it depends on H, W only
+        picks = [grid[i] for i in train_indices(len(grid), count, generator)]
+    # a position is taken on the flipped image when its crop is flipped (flip, then crop)
+    mirrored = tensor.flip(-1) if any(flips) else tensor
+    pixels = torch.stack([(mirrored if f else tensor)[:, t:t + cfg.size, l:l + cfg.size]
+                          for f, (t, l) in zip(flips, picks)])
+    return Crops(pixels, img.size, upsampled)

@@ -3,7 +3,13 @@
 One sample per image: ``<key>.<ext>`` holds the original bytes (never re-encoded) and
 ``<key>.json`` the labels (including one split letter per split, so one packed copy serves all
 ten splits). Every image is decoded once here to validate it and record its size; an image that
-fails is written to ``rejects.tsv`` with its source and reason, and packing goes on.
+fails is written to ``rejects.tsv`` with its source and reason, and packing goes on. Entries the
+adapter left out on purpose (``Records.left_out``, e.g. LIVE's negative realigned DMOS) are
+listed there too, with their reason, and counted apart (``left_out`` in the manifest).
+
+The manifest gives the observed ``mos_range`` and, for every numeric field of the records'
+``extra`` labels (e.g. KonIQ's ``mos_zscore``), its observed ``extra_ranges`` [min, max], so a
+training stream can scale such a label to [0, 1] as it does the MOS.
 
 Records are written in a seeded random order (``PackConfig.order``), not in the adapter's: the
 adapters list a synthetic dataset reference by reference, so shards written in that order would
@@ -43,7 +49,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Literal
+from typing import BinaryIO, Callable, Iterable, Literal, Sequence
 
 import webdataset as wds
 from tqdm import tqdm
@@ -54,6 +60,7 @@ from liqe_dist.data.images import MAX_PIXELS
 from liqe_dist.files import atomic_path, partial_path
 from liqe_dist.data.labels import VOCABULARY_VERSION
 from liqe_dist.data.parallel import ordered_map
+from liqe_dist.data.adapters._common import LeftOut
 from liqe_dist.data.records import Record, labels_to_json
 from liqe_dist.data.splits import assign_splits, split_summary
 from liqe_dist.data.validate import validate_record
@@ -100,12 +107,14 @@ class PackResult:
     shards: int
     bytes: int
     skipped: bool  # True when an identical set was already packed
+    left_out: int = 0  # entries the adapter left out on purpose (listed in rejects.tsv too)
 
     def summary(self, dataset: str) -> str:
         if self.skipped:
             return f"{dataset}: up to date ({self.samples} images in {self.shards} shards) at {self.out_dir}"
+        left_out = f", {self.left_out} left out by the adapter" if self.left_out else ""
         return (f"packed {dataset}: {self.samples} images in {self.shards} shard(s) "
-                f"({self.bytes / 1e6:.1f} MB), {self.rejected} rejected -> {self.out_dir}")
+                f"({self.bytes / 1e6:.1f} MB), {self.rejected} rejected{left_out} -> {self.out_dir}")
 
 
 def label_problem(rec: Record) -> str:
@@ -115,6 +124,19 @@ def label_problem(rec: Record) -> str:
         if value is not None and not math.isfinite(value):
             return f"{name} {value} is not a finite number"
     return ""
+
+
+def extra_ranges(records: Iterable[Record]) -> dict[str, list[float]]:
+    """[min, max] of every numeric field of the records' ``extra`` (ints and finite floats; not
+    bools, which are flags), over the records that have it; fields in order of name."""
+    ranges: dict[str, list[float]] = {}
+    for rec in records:
+        for name, value in rec.extra.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            lo_hi = ranges.setdefault(name, [value, value])
+            lo_hi[0], lo_hi[1] = min(lo_hi[0], value), max(lo_hi[1], value)
+    return dict(sorted(ranges.items()))
 
 
 def _identity(r: Record) -> str:
@@ -144,9 +166,11 @@ def unique_keys(records: list[Record]) -> None:
         raise ValueError("keys still collide after disambiguation; rename the files")
 
 
-def _fingerprint(records: list[Record], cfg: PackConfig) -> str:
+def _fingerprint(records: list[Record], cfg: PackConfig, left_out: Sequence[LeftOut] = ()) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
+    if left_out:  # only then: the fingerprints of sets packed before left-out entries stay the same
+        h.update(json.dumps([asdict(e) for e in left_out]).encode("utf-8", "surrogateescape"))
     for r in records:
         h.update(labels_to_json(r.labels()))
         if r.data is not None:
@@ -348,10 +372,13 @@ class ShardSink:
 
 
 def pack_records(records: list[Record], out_dir: Path, dataset: str, source: dict,
-                 cfg: PackConfig = PackConfig(), progress: bool = True, force: bool = False) -> PackResult:
+                 cfg: PackConfig = PackConfig(), progress: bool = True, force: bool = False,
+                 left_out: Sequence[LeftOut] | None = None) -> PackResult:
     """Validate, split and write ``records`` as a shard set in ``out_dir`` (which must stand
-    apart from ``source``'s root and lists and hold none of the images)."""
+    apart from ``source``'s root and lists and hold none of the images). ``left_out``: entries
+    the adapter left out, for rejects.tsv (default: the ``left_out`` of a :class:`Records`)."""
     plain_name(dataset, "the set name")
+    left_out = list(getattr(records, "left_out", ()) if left_out is None else left_out)
     if not records:
         raise ValueError(f"{dataset}: no records to pack")
     out_dir = Path(out_dir)
@@ -360,7 +387,7 @@ def pack_records(records: list[Record], out_dir: Path, dataset: str, source: dic
     unique_keys(records)
     split_info = assign_splits(records, count=cfg.splits, seed=cfg.seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(records, cfg)
+    fingerprint = _fingerprint(records, cfg, left_out)
     if cfg.order == "shuffled":
         records = list(records)
         random.Random(cfg.order_seed).shuffle(records)
@@ -370,10 +397,10 @@ def pack_records(records: list[Record], out_dir: Path, dataset: str, source: dic
         old = unchanged_set(out_dir, fingerprint) if not force else None
         if old is not None:
             return PackResult(out_dir, old["samples"], old["rejected"], len(old["shards"]),
-                              sum(s["bytes"] for s in old["shards"]), skipped=True)
+                              sum(s["bytes"] for s in old["shards"]), skipped=True, left_out=old.get("left_out", 0))
         build = new_build_dir(out_dir)
         try:
-            result = _write_set(records, build, dataset, source, cfg, split_info, fingerprint, progress)
+            result = _write_set(records, build, dataset, source, cfg, split_info, fingerprint, progress, left_out)
             swap_in(build, out_dir)
         except BaseException as exc:
             shutil.rmtree(build, ignore_errors=True)  # made above, by this process
@@ -386,9 +413,11 @@ def pack_records(records: list[Record], out_dir: Path, dataset: str, source: dic
 
 
 def _write_set(records: list[Record], out_dir: Path, dataset: str, source: dict, cfg: PackConfig,
-               split_info: dict, fingerprint: str, progress: bool) -> PackResult:
+               split_info: dict, fingerprint: str, progress: bool, left_out: Sequence[LeftOut] = ()) -> PackResult:
     """Validate and write every record into the (new, empty) folder ``out_dir``."""
     sink = ShardSink(out_dir, dataset, cfg)
+    for e in left_out:
+        log.info("left out %s (%s): %s", e.path, e.source, e.reason)
     rejects = []
     label_counts = {"mos": 0, "mos_std": 0, "scenes": 0, "distortion": 0, "reference": 0}
     written: list[Record] = []
@@ -429,7 +458,7 @@ def _write_set(records: list[Record], out_dir: Path, dataset: str, source: dict,
     shards = sink.finish()
     with open(out_dir / REJECTS, "w", encoding="utf-8", errors="surrogateescape") as f:
         f.write("source\tpath\treason\n")
-        for row in rejects:
+        for row in [(e.source, e.path, e.reason) for e in left_out] + rejects:
             f.write(tsv_line(*row))
     if not written:
         raise ValueError(f"{dataset}: every image was rejected (see {out_dir / REJECTS})")
@@ -439,13 +468,15 @@ def _write_set(records: list[Record], out_dir: Path, dataset: str, source: dict,
     manifest = {
         "format": FORMAT, "dataset": dataset, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "vocabulary_version": VOCABULARY_VERSION, "source": source, "fingerprint": fingerprint,
-        "pack": asdict(cfg), "samples": len(written), "rejected": len(rejects), "rejects_file": REJECTS,
-        "labels": label_counts, "mos_range": [min(mos_values), max(mos_values)],
+        "pack": asdict(cfg), "samples": len(written), "rejected": len(rejects), "left_out": len(left_out),
+        "rejects_file": REJECTS, "labels": label_counts, "mos_range": [min(mos_values), max(mos_values)],
+        "extra_ranges": extra_ranges(written),
         "splits": split_info, "shards": shards, "seconds": round(time.perf_counter() - started, 1),
     }
     with atomic_path(out_dir / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))
-    return PackResult(out_dir, len(written), len(rejects), len(shards), sum(s["bytes"] for s in shards), False)
+    return PackResult(out_dir, len(written), len(rejects), len(shards), sum(s["bytes"] for s in shards), False,
+                      len(left_out))
 
 
 def read_manifest(shard_dir: Path) -> dict:

@@ -12,6 +12,10 @@ worker`` of ``world * workers``. A consumer reads the shards assigned to it:
 Either way each sample reaches exactly one consumer, which makes evaluation exact-once for any
 number of ranks and workers. Labels are filtered (split part) before an image is decoded. A
 sample that cannot be read is logged with its key and counted (``skipped`` in each batch).
+
+A dataset (:class:`DatasetSpec`) may carry its own resize (``resize``: the crop rules'
+``resize_to`` for it alone) and its own label (``label``: ``mos``, or a numeric field of the
+records' ``extra``, scaled to [0, 1] by the manifest's ``extra_ranges``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import json
 import logging
 import random
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
 from typing import Iterator
@@ -29,7 +33,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from liqe_dist.data.crops import CropConfig, ImageShapeError, eval_crops, train_crops
+from liqe_dist.data.crops import CropConfig, ImageShapeError, check_size, eval_crops, train_crops
 from liqe_dist.data.images import ImageDecodeError, decode_image
 from liqe_dist.data.labels import DISTORTIONS, SCENES
 from liqe_dist.data.packing import read_manifest
@@ -86,11 +90,36 @@ def consumer_id(rank: int, world: int) -> tuple[int, int]:
     return rank * workers + worker, world * workers
 
 
+def label_value(labels: dict, label: str = "mos") -> float | None:
+    """The training/evaluation label of a sample's JSON ``labels``: its ``mos``, or the numeric
+    field ``label`` of its ``extra``; None when the sample has none (then ``has_mos`` is false)."""
+    if label == "mos":
+        return labels.get("mos")
+    value = (labels.get("extra") or {}).get(label)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def label_range(shard_dir: str | Path, label: str = "mos", manifest: dict | None = None) -> tuple[float, float]:
+    """(min, max) of ``label`` over a packed set, from its manifest: ``mos_range`` for MOS,
+    ``extra_ranges[label]`` for a field of the records' ``extra``."""
+    manifest = read_manifest(Path(shard_dir)) if manifest is None else manifest
+    if label == "mos":
+        return tuple(manifest["mos_range"])
+    value = (manifest.get("extra_ranges") or {}).get(label)
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+        raise ValueError(f"{shard_dir}: label {label!r} has no range in the manifest (extra_ranges.{label} "
+                         f"is {value!r}, expected [min, max]); re-pack the set with that extra field")
+    return float(value[0]), float(value[1])
+
+
 class _Decoder:
     """Turns raw samples into :class:`CropSample` s, counting and logging the bad ones."""
 
     def __init__(self, crops: CropConfig):
-        self.crops = crops
+        self.crops = crops  # the default; decode() may be given a dataset's own
         self.skipped = 0
 
     def labels(self, raw: RawSample) -> dict | None:
@@ -100,19 +129,21 @@ class _Decoder:
             self._skip(raw, f"no readable labels ({type(exc).__name__})")
             return None
 
-    def decode(self, raw: RawSample, labels: dict, train: bool, generator: torch.Generator | None) -> CropSample | None:
+    def decode(self, raw: RawSample, labels: dict, train: bool, generator: torch.Generator | None,
+               crops: CropConfig | None = None, label: str = "mos") -> CropSample | None:
+        crops = self.crops if crops is None else crops
         images = [k for k in raw.fields if k != "json"]
         if len(images) != 1:
             self._skip(raw, f"expected one image field, found {images}")
             return None
         try:
             img = decode_image(raw.fields[images[0]], f"{raw.shard}:{raw.key}")
-            c = (train_crops(img, self.crops, generator, source=raw.key) if train
-                 else eval_crops(img, self.crops, source=raw.key))
+            c = (train_crops(img, crops, generator, source=raw.key) if train
+                 else eval_crops(img, crops, source=raw.key, key=raw.key))
         except (ImageDecodeError, ImageShapeError) as exc:
             self._skip(raw, str(getattr(exc, "reason", exc)))
             return None
-        return CropSample(raw.key, labels["dataset"], c.pixels, labels.get("mos"),
+        return CropSample(raw.key, labels["dataset"], c.pixels, label_value(labels, label),
                           tuple(labels.get("scenes") or ()), labels.get("distortion"))
 
     def _skip(self, raw: RawSample, reason: str) -> None:
@@ -180,13 +211,15 @@ def warn_if_unmixed(shard_dir: Path) -> None:
 
 class EvalSamples(IterableDataset):
     """Every sample of one part ("val"/"test") of split ``split`` exactly once across all ranks
-    and loader workers, with the evaluation crops. Use with ``DataLoader(batch_size=B,
-    collate_fn=collate_eval)``."""
+    and loader workers, with the evaluation crops (random positions are drawn from each sample's
+    key, so they do not depend on ranks or workers either). ``mos`` is the sample's ``label``
+    (:func:`label_value`). Use with ``DataLoader(batch_size=B, collate_fn=collate_eval)``."""
 
     def __init__(self, shard_dir: str | Path, split: int = 0, part: str = "test",
-                 crops: CropConfig = CropConfig(), rank: int = 0, world: int = 1, dataset_id: int = 0):
+                 crops: CropConfig = CropConfig(), rank: int = 0, world: int = 1, dataset_id: int = 0,
+                 label: str = "mos"):
         self.shards = _shard_paths(Path(shard_dir))
-        self.split, self.part, self.crops = split, part, crops
+        self.split, self.part, self.crops, self.label = split, part, crops, check_label(label, "label")
         self.rank, self.world, self.dataset_id = rank, world, dataset_id
 
     def __iter__(self) -> Iterator[tuple[CropSample | None, int, int]]:
@@ -196,7 +229,7 @@ class EvalSamples(IterableDataset):
             labels = decoder.labels(raw)
             if labels is None or not in_part(labels["splits"], self.split, self.part):
                 continue
-            sample = decoder.decode(raw, labels, train=False, generator=None)
+            sample = decoder.decode(raw, labels, train=False, generator=None, label=self.label)
             if sample is not None:
                 yield sample, self.dataset_id, decoder.take_skipped()
         if decoder.skipped:  # bad samples after the last good one
@@ -216,15 +249,43 @@ class DatasetSpec:
     """A packed shard set and its mini-batch size (reference: 4 for LIVE, CSIQ, BID, CLIVE; 16
     for KonIQ-10k and KADID-10k): an entry of a training config's ``datasets``. The size is each
     rank's, or the global one when the config says ``batch_is_global`` (:attr:`TrainConfig.rank_datasets`
-    gives each rank's)."""
+    gives each rank's).
+
+    ``resize``: (width, height) px this dataset's images are resized to before cropping (the crop
+    rules' ``resize_to``, per dataset since the PMT-IQA public code resizes BID to [512, 512] and
+    KonIQ to [384, 512]); None: the crop config's rule. ``label``: what it trains and is scored
+    on: ``mos``, or a numeric field of the records' ``extra`` (KonIQ's ``mos_zscore``) whose
+    range the manifest records under ``extra_ranges``."""
 
     name: str
     shards: str
     batch_size: int = 4
+    resize: tuple[int, int] | None = None
+    label: str = "mos"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"datasets.{self.name}.batch_size must be >= 1, got {self.batch_size}")
+        if self.resize is not None:  # frozen and hashable: a YAML list is stored as a tuple
+            object.__setattr__(self, "resize", check_size(self.resize, f"datasets.{self.name}.resize"))
+        check_label(self.label, f"datasets.{self.name}.label")
+
+    def crop_rules(self, crops: CropConfig) -> CropConfig:
+        """``crops`` with this dataset's ``resize`` as ``resize_to`` (unchanged without one)."""
+        if self.resize is None:
+            return crops
+        try:
+            return replace(crops, resize_to=self.resize)
+        except ValueError as exc:
+            raise ValueError(f"datasets.{self.name}.resize: {exc}") from None
+
+
+def check_label(label: str, key: str) -> str:
+    """``label`` is ``mos`` or a plain identifier (a field name of the records' ``extra``)."""
+    if not isinstance(label, str) or not label.isidentifier():
+        raise ValueError(f"{key} must be 'mos' or a field name of the records' extra (an identifier), "
+                         f"got {label!r}")
+    return label
 
 
 class TrainBatches(IterableDataset):
@@ -233,16 +294,21 @@ class TrainBatches(IterableDataset):
     range in each dataset's manifest). Use with ``DataLoader(batch_size=None)``.
 
     Per dataset and epoch the shard list is shuffled with ``(seed, epoch)`` before it is split
-    across consumers; samples pass a shuffle buffer and get 3 random crops after a random flip.
+    across consumers; samples pass a shuffle buffer and get the training crops of the crop rules
+    with the dataset's ``resize`` (:meth:`DatasetSpec.crop_rules`). ``mos`` is each dataset's
+    ``label`` and ``mos_unit`` uses that label's range (:func:`label_range`).
     """
 
     def __init__(self, sources: list[DatasetSpec], split: int = 0, crops: CropConfig = CropConfig(),
-                 seed: int = 0, rank: int = 0, world: int = 1, shuffle_buffer: int = 256, start_epoch: int = 0):
+                 seed: int = 0, rank: int = 0, world: int = 1, shuffle_buffer: int = 256, start_epoch: int = 0,
+                 parts: tuple[str, ...] = ("train",)):
         if not sources:
             raise ValueError("no training datasets")
+        self.parts = tuple(parts)  # the split's parts trained on (train; train + val: 80/20)
         self.sources = sources
         self.shards = [_shard_paths(Path(s.shards)) for s in sources]
-        self.mos_ranges = [tuple(read_manifest(Path(s.shards))["mos_range"]) for s in sources]
+        self.mos_ranges = [label_range(s.shards, s.label) for s in sources]
+        self.dataset_crops = [s.crop_rules(crops) for s in sources]
         for s in sources:
             warn_if_unmixed(Path(s.shards))
         self.split, self.crops, self.seed = split, crops, seed
@@ -262,7 +328,7 @@ class TrainBatches(IterableDataset):
         buffer: list[tuple[RawSample, dict]] = []
         for raw in assigned(shards, consumer, consumers):
             labels = decoder.labels(raw)
-            if labels is None or not in_part(labels["splits"], self.split, "train"):
+            if labels is None or not any(in_part(labels["splits"], self.split, p) for p in self.parts):
                 continue
             buffer.append((raw, labels))
             if len(buffer) >= self.shuffle_buffer:
@@ -276,7 +342,8 @@ class TrainBatches(IterableDataset):
             gen = torch.Generator().manual_seed(hash((self.seed, d, epoch, consumer, 1)) & 0x7FFFFFFF)
             produced = 0
             for raw, labels in self.epoch_order(d, epoch, consumer, consumers, decoder):
-                sample = decoder.decode(raw, labels, train=True, generator=gen)
+                sample = decoder.decode(raw, labels, train=True, generator=gen, crops=self.dataset_crops[d],
+                                        label=self.sources[d].label)
                 if sample is not None:
                     produced += 1
                     yield sample

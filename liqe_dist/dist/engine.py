@@ -30,7 +30,10 @@ class OptimConfig:
     ``schedule``: ``cosine`` anneals once from ``lr`` to ``min_lr`` over the whole run, step by
     step; ``cosine_cycles`` is the reference code's (see :func:`cosine_cycles_factor`), with
     ``cycle_epochs`` its ``T_max``; ``step`` multiplies the lr by ``step_gamma`` every
-    ``step_epochs`` epochs (PMT-IQA's: / 10 every 6); ``constant``. None: the model family's
+    ``step_epochs`` epochs (PMT-IQA's: / 10 every 6), the first time after ``step_epochs +
+    step_delay_epochs`` epochs (:func:`step_factor`); ``constant``.
+    ``reset_each_epoch``: the optimiser's state (Adam's moments and step count) is cleared at
+    every epoch's end, as the PMT-IQA public code re-creates its Adam every epoch. None: the model family's
     (LIQE: the one ``model.loss.recipe`` names, paper: cosine, reference: cosine_cycles;
     PMT-IQA: step), or cosine outside a training config.
 
@@ -47,6 +50,8 @@ class OptimConfig:
     cycle_epochs: int = 5
     step_epochs: int = 6
     step_gamma: float = 0.1
+    step_delay_epochs: int | None = None  # None: the family's (PMT-IQA reference: 1, else 0)
+    reset_each_epoch: bool | None = None  # a fresh optimiser state every epoch (None: the family's)
     min_lr: float = 0.0
     zero_stage: int = 1
     gradient_clipping: float = 0.0
@@ -64,6 +69,8 @@ class OptimConfig:
         if self.step_epochs < 1 or not 0 < self.step_gamma <= 1:
             raise ValueError(f"optim.step_epochs must be >= 1 and optim.step_gamma in (0, 1], got "
                              f"{self.step_epochs} and {self.step_gamma}")
+        if self.step_delay_epochs is not None and self.step_delay_epochs < 0:
+            raise ValueError(f"optim.step_delay_epochs must be >= 0, got {self.step_delay_epochs}")
         if self.optimizer not in ("adamw", "adam"):
             raise ValueError(f"optim.optimizer must be adamw or adam, got {self.optimizer!r}")
 
@@ -113,6 +120,38 @@ def ds_config(cfg: OptimConfig, use_gpu: bool, cuda_bf16: bool | None = None) ->
     }
 
 
+def step_factor(epoch: int, step_epochs: int, gamma: float, delay: int = 0) -> float:
+    """lr / base lr during epoch ``epoch`` (0-based) of the step schedule:
+    ``gamma ** (max(epoch - delay, 0) // step_epochs)``. With ``delay`` 0 it is torch's StepLR
+    stepped per epoch (epochs 0-5 at the base lr, 6-11 at a tenth); with 1 it is the PMT-IQA
+    public code's ``lr / 10 ** (t // 6)`` set after epoch t (epochs 0-6 at the base lr, 7-12
+    at a tenth, 13-18 at a hundredth)."""
+    return gamma ** (max(epoch - delay, 0) // step_epochs)
+
+
+class _DelayedSteps:
+    """Per-step lr multiplier of :func:`step_factor` with a delay (a callable object: LambdaLR
+    keeps its attributes in the checkpoint)."""
+
+    def __init__(self, steps_per_epoch: int, step_epochs: int, gamma: float, delay: int):
+        self.steps_per_epoch, self.step_epochs, self.gamma, self.delay = steps_per_epoch, step_epochs, gamma, delay
+
+    def __call__(self, step: int) -> float:
+        return step_factor(step // self.steps_per_epoch, self.step_epochs, self.gamma, self.delay)
+
+
+def reset_optimizer_state(optimizer) -> None:
+    """Forget the optimiser's state (Adam: moments and step count) as if it were new; the
+    parameters, lr and param groups stay. ``optimizer``: torch's, or DeepSpeed's wrapper of it
+    (ZeRO, bf16), whose torch optimiser re-creates the state lazily at its next step."""
+    inner = optimizer
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"{type(optimizer).__name__} wraps no torch optimiser to reset")
+    inner.state.clear()
+
+
 class _CosineCycles:
     """Per-step lr multiplier of :func:`cosine_cycles_factor` (LambdaLR keeps a callable
     object's attributes in its state dict, so checkpoints record the schedule's parameters)."""
@@ -142,7 +181,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int, steps_
     elif schedule == "step":
         if not steps_per_epoch:
             raise ValueError("optim.schedule step needs the number of steps per epoch")
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_epochs * steps_per_epoch, gamma=cfg.step_gamma)
+        if cfg.step_delay_epochs:
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, _DelayedSteps(steps_per_epoch, cfg.step_epochs, cfg.step_gamma, cfg.step_delay_epochs))
+        else:
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_epochs * steps_per_epoch,
+                                                    gamma=cfg.step_gamma)
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     return opt, sched
@@ -235,6 +279,21 @@ def master_state_dict(engine) -> dict[str, torch.Tensor]:
             raise RuntimeError(f"{type(engine.optimizer).__name__} holds no float32 master copy of {name}")
         state[name] = full.detach().reshape(p.shape).float()
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def evaluation_module(engine) -> nn.Module:
+    """The module evaluation runs: the engine's, or, for a bf16 engine of a family that evaluates
+    in fp32 only (``auto_bf16`` false: PMT-IQA), a float32 copy holding the float32 masters (a
+    collective under ZeRO: every rank calls it)."""
+    module = engine.module
+    if not engine.bfloat16_enabled() or getattr(module, "auto_bf16", True):
+        return module
+    import copy
+
+    masters = master_state_dict(engine)
+    full = copy.deepcopy(module).float()
+    full.load_state_dict(masters)
+    return full
 
 
 def set_master_weights(engine, values: dict[str, torch.Tensor]) -> None:

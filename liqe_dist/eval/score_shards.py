@@ -272,15 +272,16 @@ class ShardScorer:
         import torch
 
         from liqe_dist.eval.scoring import Scorer, default_crops
-        from liqe_dist.hardware import resolve_device, resolve_precision
+        from liqe_dist.hardware import precision_name, resolve_device, resolve_precision
         from liqe_dist.models.registry import load_model
 
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, str(self.device))
+        self.requested = precision
         self.names = [m.name for m in models]
         self.scorers = []
         for spec in models:
-            model = load_model(spec.checkpoint, precision=self.precision)
+            model = load_model(spec.checkpoint, precision=self.precision, requested=self.requested)
             crops = default_crops(model, **({"eval_crops": eval_crops} if eval_crops else {}))
             scorer = Scorer(model, crops, batch_images=batch_images, device=self.device)
             # warm up on one full batch: LIQE encodes (and caches) its 495 prompts on first use, and
@@ -292,6 +293,10 @@ class ShardScorer:
             self.scorers.append(scorer)
             log.info("scoring %s: %s", spec.name, scorer.describe())
         self.families = {n: s.model.family for n, s in zip(self.names, self.scorers)}
+        # what the models compute in: one precision, or each model's when a family stays fp32 under auto
+        used = {n: precision_name(s.model.dtype) for n, s in zip(self.names, self.scorers)}
+        self.used_precision = (next(iter(used.values())) if len(set(used.values())) == 1
+                               else ", ".join(f"{n}: {p}" for n, p in used.items()))
         self.batch_images = self.scorers[0].batch_images  # None: default_batch_images of the device
         self.decode_workers = decode_workers
         self._torch = torch
@@ -371,7 +376,7 @@ class ShardScorer:
         repeated = duplicate_keys(table.column("key").to_pylist())
         return {"shard": job.path, "images": table.num_rows, "errors": errors, "sha256": digest,
                 "duplicate_keys": len(repeated), "duplicates": repeated[:MAX_REPORTED],
-                "seconds": time.perf_counter() - started, "precision": self.precision, "device": str(self.device)}
+                "seconds": time.perf_counter() - started, "precision": self.used_precision, "device": str(self.device)}
 
 
 MAX_REPORTED = 5  # duplicate keys named per shard in the summary and the log

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from tqdm import tqdm
 from liqe_dist.data.crops import CropConfig
 from liqe_dist.hardware import move_batch
 from liqe_dist.data.packing import read_manifest
-from liqe_dist.data.stream import EvalSamples, collate_eval
+from liqe_dist.data.stream import DatasetSpec, EvalSamples, collate_eval
 from liqe_dist.eval.metrics import Correlation, correlation
 from liqe_dist.models.base import IQAModel, Prediction
 from liqe_dist.outputs import claim_dir
@@ -103,23 +103,35 @@ def _update(ev: DatasetEval, batch: dict, stats: list[list[float]]) -> None:
             ev.distortion_labels += 1
 
 
+def _shard_rules(entry: str | Path | DatasetSpec, crops: CropConfig) -> tuple[Path, CropConfig, str]:
+    """(shard folder, crop rules, label) of one entry of :func:`evaluate_shards`' ``shard_dirs``:
+    a folder is scored on its MOS with ``crops``; a :class:`DatasetSpec` with its own resize and
+    label."""
+    if isinstance(entry, DatasetSpec):
+        return Path(entry.shards), entry.crop_rules(crops), entry.label
+    return Path(entry), crops, "mos"
+
+
 @torch.inference_mode()
-def evaluate_shards(model: IQAModel, shard_dirs: list[str | Path], split: int = 0, part: str = "test",
-                    crops: CropConfig = CropConfig(), batch_images: int = 8, workers: int = 0,
+def evaluate_shards(model: IQAModel, shard_dirs: Sequence[str | Path | DatasetSpec], split: int = 0,
+                    part: str = "test", crops: CropConfig = CropConfig(), batch_images: int = 8, workers: int = 0,
                     rank: int = 0, world: int = 1, progress: bool = True,
                     device: str | torch.device | None = None) -> dict[str, DatasetEval]:
     """Score every image of ``part`` of split ``split`` (``all``: the whole set) in each shard set (this rank's share
-    when ``world`` > 1) and compute the criteria; keyed by dataset name. ``device``: where the
-    model runs (default: where its weights are); ``workers``: decoding processes."""
+    when ``world`` > 1) and compute the criteria; keyed by dataset name. An entry of ``shard_dirs``
+    is a shard folder, or a :class:`DatasetSpec` whose ``resize`` and ``label`` apply to its set
+    (``mos`` then holds that label). ``device``: where the model runs (default: where its weights
+    are); ``workers``: decoding processes."""
     model.eval()
     device = model.device if device is None else torch.device(device)
     results = {}
-    for d, shard_dir in enumerate(shard_dirs):
-        manifest = read_manifest(Path(shard_dir))
+    for d, entry in enumerate(shard_dirs):
+        shard_dir, rules, label = _shard_rules(entry, crops)
+        manifest = read_manifest(shard_dir)
         ev = DatasetEval(manifest["dataset"])
         counts = manifest["splits"]["counts"][split]
         total = sum(counts.values()) if part == "all" else counts[part]
-        loader = DataLoader(EvalSamples(shard_dir, split, part, crops, rank, world, dataset_id=d),
+        loader = DataLoader(EvalSamples(shard_dir, split, part, rules, rank, world, dataset_id=d, label=label),
                             batch_size=batch_images, num_workers=workers, collate_fn=collate_eval,
                             pin_memory=device.type == "cuda")
         with tqdm(total=total, desc=f"eval {ev.dataset} {part}", unit="img", disable=not progress) as bar:

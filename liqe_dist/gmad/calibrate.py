@@ -191,13 +191,14 @@ def calibrate(shard_set: str | Path, scores_manifest: dict, scores_dir: str | Pa
     manifest, manifest_sha = read_calibration_set(shard_set)
     checkpoints = {m: checkpoint_of(scores_manifest, m, scores_dir) for m in models}  # every refusal first
     where = resolve_device(device)
-    precision = resolve_precision(str(scores_manifest.get("precision_requested") or "fp32"), str(where))
+    requested = str(scores_manifest.get("precision_requested") or "fp32")
+    precision = resolve_precision(requested, str(where))
     eval_crops = scores_manifest.get("eval_crops")
     eval_crops = eval_crops if isinstance(eval_crops, int) and not isinstance(eval_crops, bool) else None
     calibration = None
     for m in models:
         path, sha = checkpoints[m]
-        model = load_model(str(path), precision=precision)
+        model = load_model(str(path), precision=precision, requested=requested)
         crops = default_crops(model, **({"eval_crops": eval_crops} if eval_crops else {}))
         log.info("calibrating %s on %s (%s, %d crops)", m, shard_set, precision, crops.eval_crops)
         [ev] = evaluate_shards(model, [shard_set], split=0, part="all", crops=crops, batch_images=batch_images,

@@ -62,6 +62,9 @@ class IQAModel(nn.Module):
     family: ClassVar[str] = ""
     #: Crops per image when scoring (``liqe-dist score``): the family's reference protocol.
     eval_crops: ClassVar[int] = 15
+    #: Whether precision ``auto`` may score and evaluate this family in bf16 (False: fp32, a
+    #: decision measured on trained weights by ``launch/bench_precision.py``).
+    auto_bf16: ClassVar[bool] = True
 
     @property
     def crop_size(self) -> int:

@@ -54,16 +54,20 @@ def build_model(cfg: ModelConfig):
 
 
 def load_model(checkpoint: str | None = None, name: str | None = None, pretrained: str | None = None,
-               precision: str = "fp32"):
+               precision: str = "fp32", requested: str | None = None):
     """A model to score or evaluate with: the weight file ``checkpoint`` of any family (read
     from the file; ``name`` names the architecture of OpenAI-format LIQE files, ViT-B-32 by
     default), or else LIQE ``name`` (ViT-B-32) with open_clip's ``pretrained`` weights (random
-    without), in ``precision``."""
+    without), in ``precision``. ``requested``: the precision the user asked for; when it was
+    ``auto``, a family that scores in fp32 only (``IQAModel.auto_bf16`` false) stays fp32."""
     if checkpoint is not None:
         from liqe_dist.models.base import PRECISIONS
         from liqe_dist.models.weights import load_weights
 
         if pretrained:
             raise ValueError("give a checkpoint or pretrained weights, not both")
-        return load_weights(checkpoint, **({"model_name": name} if name else {})).to(PRECISIONS[precision])
+        model = load_weights(checkpoint, **({"model_name": name} if name else {}))
+        if requested == "auto" and not model.auto_bf16:
+            precision = "fp32"
+        return model.to(PRECISIONS[precision])
     return build_model(LIQEConfig(name=name or "ViT-B-32", pretrained=pretrained, precision=precision))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from liqe_dist.config import describe_changes, to_dict
 
@@ -30,7 +32,7 @@ class TrainConfig:
     crops: CropConfig = field(default_factory=CropConfig)
     split: int = 0                  # which of the ten splits (0-based)
     epochs: int = 80               # 0: nothing is trained; the model as built is evaluated (zero-shot)
-    steps_per_epoch: int = 200
+    steps_per_epoch: int | Literal["pass"] = 200  # pass: one pass over the train split (resolved from the manifests)
     seed: int = 0
     workers: int = 2                # data-parallel ranks (Ray Train workers)
     use_gpu: bool = False
@@ -43,16 +45,29 @@ class TrainConfig:
     eval_every_epochs: int = 1
     eval_batch: int = 8
     eval_parts: tuple[str, ...] = ("val", "test")
+    # The parts of the split trained on: [train, val] turns the 70/10/20 splits into 80/20
+    # ones (the PMT-IQA public code's), reference-wise where the pack split by reference.
+    train_parts: tuple[str, ...] = ("train",)
     max_failures: int = 2           # worker-group restarts from the latest checkpoint
     out_dir: str = "runs/train"
     name: str = "liqe"
     # datasets[].batch_size is each rank's mini-batch (false: the global batch grows with the
     # workers) or the global one, divided over the workers (true: the paper's sizes at any scale)
     batch_is_global: bool = False
+    # The best step is chosen on the mean val SRCC (val), or on the test SRCC as the PMT-IQA
+    # public code reports its figure (test: optimistic, the test part picks the step it reports).
+    selection: Literal["val", "test"] = "val"
 
     def __post_init__(self) -> None:
-        if self.optim.schedule is None:  # frozen: fill the family's default schedule once
-            object.__setattr__(self, "optim", replace(self.optim, schedule=self.model.default_schedule))
+        # frozen: fill what the model family's recipe decides, once
+        object.__setattr__(self, "optim", family_optim(self.optim, self.model))
+        if hasattr(self.model, "bind_data"):
+            object.__setattr__(self, "model", self.model.bind_data(self.datasets))
+        if self.steps_per_epoch == "pass":
+            object.__setattr__(self, "steps_per_epoch", steps_per_pass(self.rank_datasets, self.split,
+                                                                       max(1, self.workers), self.train_parts))
+        if self.selection not in ("val", "test"):
+            raise ValueError(f"selection must be val or test, got {self.selection!r}")
         if getattr(self.model, "crop_size", self.crops.size) != self.crops.size:
             raise ValueError(f"crops.size ({self.crops.size}) must equal model.crop_size ({self.model.crop_size})")
         if self.weighting.method == "progressive":
@@ -61,8 +76,13 @@ class TrainConfig:
                 if task not in self.model.loss_tasks:
                     raise ValueError(f"weighting.{key}: task {task!r} is not one this model trains "
                                      f"({', '.join(self.model.loss_tasks)})")
+        if self.weighting.method == "fixed" and set(self.weighting.weights) != set(self.model.loss_tasks):
+            raise ValueError(f"weighting.weights must give every task this model trains "
+                             f"({', '.join(self.model.loss_tasks)}), got {sorted(self.weighting.weights)}")
         if not self.datasets:
             raise ValueError("datasets: at least one dataset is needed")
+        for d in self.datasets:
+            d.crop_rules(self.crops)  # a resize that cannot be cropped fails here, naming the dataset
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"datasets: names must be unique, got {names}")
@@ -85,6 +105,13 @@ class TrainConfig:
         bad = set(self.eval_parts) - {"val", "test"}
         if bad:
             raise ValueError(f"eval_parts: unknown part(s) {sorted(bad)}")
+        if not self.train_parts or set(self.train_parts) - {"train", "val"}:
+            raise ValueError(f"train_parts: expected train and optionally val, got {list(self.train_parts)}")
+        if "train" not in self.train_parts:
+            raise ValueError(f"train_parts must hold train, got {list(self.train_parts)}")
+        trained = sorted(set(self.eval_parts) & set(self.train_parts))
+        if trained:
+            raise ValueError(f"eval_parts: {trained[0]} is trained on (train_parts); evaluate the parts held out")
         plain_name(self.name, "name")
         if self.batch_is_global:
             for d in self.datasets:
@@ -128,6 +155,37 @@ class TrainConfig:
     @property
     def run_dir(self) -> str:
         return f"{self.out_dir}/{self.name}"
+
+
+#: ``optim`` knobs a family may decide (``model.optim_defaults``) and their value otherwise.
+OPTIM_FALLBACKS = {"step_delay_epochs": 0, "reset_each_epoch": False}
+
+
+def family_optim(optim: OptimConfig, model) -> OptimConfig:
+    """``optim`` with its null knobs filled: the schedule by the model family
+    (``model.default_schedule``), the rest by its recipe (``model.optim_defaults``) or
+    :data:`OPTIM_FALLBACKS`."""
+    defaults = {**OPTIM_FALLBACKS, **getattr(model, "optim_defaults", {}), "schedule": model.default_schedule}
+    fill = {k: v for k, v in defaults.items() if getattr(optim, k) is None}
+    return replace(optim, **fill) if fill else optim
+
+
+def steps_per_pass(datasets: list[DatasetSpec], split: int, workers: int, parts: tuple[str, ...] = ("train",)) -> int:
+    """Steps of one pass over the train split: the largest ``ceil(train images / global
+    batch)`` over the datasets (the public code's epoch; its loader keeps the last, smaller
+    batch), from each shard manifest's split counts."""
+    from liqe_dist.data.packing import read_manifest
+
+    steps = 1
+    for d in datasets:
+        try:
+            counts = read_manifest(Path(d.shards))["splits"]["counts"][split]
+            n = sum(counts[p] for p in parts)
+        except (OSError, KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"steps_per_epoch: pass needs datasets.{d.name}'s {'+'.join(parts)} count of split {split} "
+                             f"from {d.shards}/manifest.json ({type(exc).__name__}: {exc})") from None
+        steps = max(steps, math.ceil(n / (d.batch_size * workers)))
+    return steps
 
 
 #: What a resumed run may change (anything else is refused, naming the key): where and how

@@ -36,7 +36,7 @@ from liqe_dist.train.state import (check_resume, latest_checkpoint, load_trainin
 from liqe_dist.dist.collectives import all_reduce_sum, is_distributed, max_spread, rank, world_size
 from liqe_dist.dist.batchnorm import use_global_batchnorm
 from liqe_dist.hardware import move_batch, precision_name
-from liqe_dist.dist.engine import build_engine
+from liqe_dist.dist.engine import build_engine, evaluation_module, reset_optimizer_state
 from liqe_dist.eval.shard_eval import DatasetEval, evaluate_shards
 from liqe_dist.files import atomic_path
 from liqe_dist.models.base import IQAModel, LossTerm
@@ -53,10 +53,10 @@ Reporter = Callable[[dict], None]
 
 def evaluate_all_ranks(model: IQAModel, cfg: TrainConfig, part: str) -> dict[str, DatasetEval]:
     """Each rank scores its exact-once share; predictions are gathered so every rank holds the
-    whole part and the same criteria."""
-    shards = [d.shards for d in cfg.datasets]
-    local = evaluate_shards(model, shards, cfg.split, part, cfg.crops, cfg.eval_batch, cfg.resolved_loader_workers,
-                            rank=rank(), world=world_size(), progress=False, device=model.device)
+    whole part and the same criteria. Each dataset is scored with its own resize and label."""
+    local = evaluate_shards(model, cfg.datasets, cfg.split, part, cfg.crops, cfg.eval_batch,
+                            cfg.resolved_loader_workers, rank=rank(), world=world_size(), progress=False,
+                            device=model.device)
     if is_distributed():
         gathered: list = [None] * world_size()
         dist.all_gather_object(gathered, local)
@@ -163,7 +163,7 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None, launch: dict 
     device = engine.device
     weighting = build_weighting(cfg.weighting, tasks, cfg.steps_per_epoch, cfg.epochs)
     ckpt_dir = run_dir / "checkpoints"
-    step, best = 0, {"val/mean_srcc": -math.inf}
+    step, best = 0, {f"{cfg.selection}/mean_srcc": -math.inf}
     check_resume(cfg)
     latest = latest_checkpoint(ckpt_dir, world)
     if r == 0:
@@ -180,7 +180,8 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None, launch: dict 
     runlog.event({"event": "start" if step == 0 else "resume", "step": step, "world": world, "redone_steps": redone})
     # A resumed run draws new samples (its seed includes the step) rather than replaying old ones.
     data = TrainBatches(cfg.rank_datasets, cfg.split, cfg.crops,
-                        seed=cfg.seed * 1_000_003 + step, rank=r, world=world, shuffle_buffer=cfg.shuffle_buffer)
+                        seed=cfg.seed * 1_000_003 + step, rank=r, world=world, shuffle_buffer=cfg.shuffle_buffer,
+                        parts=cfg.train_parts)
     batches = iter(DataLoader(data, batch_size=None, num_workers=cfg.resolved_loader_workers,
                               pin_memory=cfg.use_gpu))
     rank_sizes = [sum(d.batch_size for d in cfg.rank_datasets)] * world  # every rank's images per step
@@ -189,16 +190,19 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None, launch: dict 
     def evaluate(step: int) -> None:
         """val/test criteria into ``metrics`` and the logs; a new best (by mean val SRCC) is saved."""
         nonlocal best
+        eval_model = evaluation_module(engine)
         for part in cfg.eval_parts:
-            results = evaluate_all_ranks(engine.module, cfg, part)
-            metrics.update(rank0_value(_eval_metrics(results, part, engine.module.heads)))
+            results = evaluate_all_ranks(eval_model, cfg, part)
+            metrics.update(rank0_value(_eval_metrics(results, part, eval_model.heads)))
             if part == "test":
                 runlog.predictions(step, results)
         engine.module.train()
         runlog.eval(metrics)
-        # Best = highest mean val SRCC; a val split too small to rank (NaN) makes the latest best.
-        val = metrics.get("val/mean_srcc", math.nan)
-        if math.isnan(val) or math.isnan(best["val/mean_srcc"]) or val > best["val/mean_srcc"]:
+        # Best = highest mean SRCC of the selection part (val; test as the PMT-IQA public code
+        # reports); a part too small to rank (NaN) makes the latest best.
+        key = f"{cfg.selection}/mean_srcc"
+        val = metrics.get(key, math.nan)
+        if math.isnan(val) or math.isnan(best.get(key, math.nan)) or val > best[key]:
             best = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
             best["step"] = step
             save_run_weights(engine, run_dir / "best.safetensors", r, extra={"step": step})
@@ -233,6 +237,8 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None, launch: dict 
                    "skipped_samples": rec["skipped"]}
         runlog.step(metrics)
         epoch_end = step % cfg.steps_per_epoch == 0
+        if epoch_end and cfg.optim.reset_each_epoch:
+            reset_optimizer_state(engine.optimizer)  # before the checkpoint: a resumed run has it reset too
         evaluated = False
         if (epoch_end and (step // cfg.steps_per_epoch) % cfg.eval_every_epochs == 0) or step == cfg.total_steps:
             evaluate(step)

@@ -25,21 +25,28 @@ Reducer = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class WeightingConfig:
-    """``method``: dwa | equal | progressive. ``period_steps``: steps per weighting period
+    """``method``: dwa | equal | progressive | fixed. ``period_steps``: steps per weighting period
     (None: one epoch, as the reference). ``temperature``: DWA's tau_2. ``scale``: the weights'
     sum for DWA (None: the number of tasks K, as in DWA). ``easy``/``hard``: the tasks of the
-    progressive schedule."""
+    progressive schedule. ``weights``: ``task -> lambda`` of ``fixed`` (every task of the model;
+    the PMT-IQA public code's ``learn.py``: regression 0.942, classification 0.960)."""
 
-    method: Literal["dwa", "equal", "progressive"] = "dwa"
+    method: Literal["dwa", "equal", "progressive", "fixed"] = "dwa"
     temperature: float = 2.0
     period_steps: int | None = None
     scale: float | None = None
     easy: str = "classification"
     hard: str = "regression"
+    weights: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in ("dwa", "equal", "progressive"):
-            raise ValueError(f"weighting.method must be dwa, equal or progressive, got {self.method!r}")
+        if self.method not in ("dwa", "equal", "progressive", "fixed"):
+            raise ValueError(f"weighting.method must be dwa, equal, progressive or fixed, got {self.method!r}")
+        if (self.method == "fixed") != (self.weights is not None):
+            raise ValueError("weighting.weights is the lambda of every task under method fixed, and only there")
+        for task, value in (self.weights or {}).items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"weighting.weights.{task} must be a finite number >= 0, got {value!r}")
         if self.temperature <= 0:
             raise ValueError(f"weighting.temperature must be > 0, got {self.temperature}")
         if self.period_steps is not None and self.period_steps < 1:
@@ -122,6 +129,19 @@ class EqualWeighting(TaskWeighting):
         return [1.0] * len(self.tasks)
 
 
+class FixedWeighting(TaskWeighting):
+    """lambda_j given per task, constant (the PMT-IQA public scripts without ``--dyn_weight``)."""
+
+    def __init__(self, tasks: tuple[str, ...], period_steps: int, weights: dict[str, float]):
+        if set(weights) != set(tasks):
+            raise ValueError(f"weighting.weights must give every task {list(tasks)}, got {sorted(weights)}")
+        self.fixed = dict(weights)
+        super().__init__(tasks, period_steps)
+
+    def _compute(self) -> list[float]:
+        return [float(self.fixed[t]) for t in self.tasks]
+
+
 class DWAWeighting(TaskWeighting):
     """Dynamic weight averaging (eq. 11): lambda_j = K exp(w_j / tau) / sum_i exp(w_i / tau),
     w_j = mean loss of period t-1 / mean loss of period t-2; equal weights (1) in periods 0, 1.
@@ -175,6 +195,8 @@ def build_weighting(cfg: WeightingConfig, tasks: tuple[str, ...], steps_per_epoc
         return EqualWeighting(tasks, period)
     if cfg.method == "dwa":
         return DWAWeighting(tasks, period, cfg.temperature, cfg.scale)
+    if cfg.method == "fixed":
+        return FixedWeighting(tasks, period, cfg.weights)
     total_periods = max(1, math.ceil(total_epochs * steps_per_epoch / period))
     return ProgressiveWeighting(tasks, period, total_periods, cfg.easy, cfg.hard)
 

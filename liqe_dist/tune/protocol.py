@@ -50,16 +50,28 @@ class ProtocolConfig:
     name: str = "protocol"
     storage: str = "runs/protocol"
     allow_large: bool = False  # more trials (splits x variants) than the search limit allows
+    # Published figures to print beside ours: dataset -> {srcc, plcc} (e.g. the paper's table).
+    published: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.splits or len(set(self.splits)) != len(self.splits) or not all(0 <= s < 10 for s in self.splits):
             raise ValueError(f"splits: expected distinct splits in 0..9, got {self.splits}")
+        for dataset, values in self.published.items():
+            bad = sorted(set(values) - set(CRITERIA))
+            if bad or not values:
+                raise ValueError(f"published.{dataset}: expected srcc and/or plcc, got {sorted(values)}")
         self.search()  # its name, storage and limits are the protocol's
+
+    @property
+    def selection(self) -> str:
+        """The part each trial's best step is chosen on (``train.selection``: val, or test)."""
+        return self.train.get("selection", "val")
 
     def search(self) -> SearchConfig:
         """The search that runs the protocol: a grid over splits (x variants), every trial to the end."""
         return SearchConfig(train=self.train, search_space={"split": Distribution(grid=list(self.splits))},
-                            variants=self.variants, metric="val/mean_srcc", scheduler=SchedulerConfig("fifo"),
+                            variants=self.variants, metric=f"{self.selection}/mean_srcc",
+                            scheduler=SchedulerConfig("fifo"),
                             max_concurrent_trials=self.max_concurrent_trials, name=self.name, storage=self.storage,
                             allow_large=self.allow_large)
 
@@ -184,9 +196,19 @@ def write_report(experiment_dir: str | Path) -> Path:
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         return lines
 
+    protocol_file = exp / PROTOCOL_FILE
+    protocol = json.loads(protocol_file.read_text()) if protocol_file.exists() else {}
+    selection = protocol.get("train", {}).get("selection", "val")
+    published = protocol.get("published") or {}
     n = max((r["splits"] for r in rows), default=0)
-    md = [f"# {exp.name}: median SRCC / PLCC over {n} split(s) (test part, at the best val step)", ""]
+    md = [f"# {exp.name}: median SRCC / PLCC over {n} split(s) (test part, at the best {selection} step)", ""]
+    if selection == "test":
+        md += ["Each split's figure is its best test-part step (as the PMT-IQA public code reports): the test part "
+               "picked the step it reports, so these figures are optimistic against val selection.", ""]
     md += table(within)
+    if published:
+        md.append("| published | " + " | ".join(
+            " / ".join(_fmt(published.get(d, {}).get(c, math.nan)) for c in CRITERIA) for d in within) + " |")
     if cross:
         md += ["", "## Cross-dataset: trained on the datasets above, scored on whole sets", ""] + table(cross)
     md += ["", "## Per dataset: median, mean ± std, per-split values", "",

@@ -96,15 +96,22 @@ def check_experiment(search: SearchConfig) -> bool:
 
 
 def with_absolute_paths(search: SearchConfig) -> SearchConfig:
-    """``search`` with its storage and shard sets as absolute paths (trials run in other folders)."""
+    """``search`` with its storage and shard sets as absolute paths, the training config's and
+    those of variants that set ``datasets`` (trials run in other folders)."""
     import dataclasses
 
+    def absolute(datasets):
+        if not isinstance(datasets, list):
+            return datasets
+        return [{**d, "shards": str(Path(d["shards"]).resolve())}
+                if isinstance(d, dict) and isinstance(d.get("shards"), str) else d for d in datasets]
+
     train = dict(search.train)
-    if isinstance(train.get("datasets"), list):
-        train["datasets"] = [{**d, "shards": str(Path(d["shards"]).resolve())}
-                             if isinstance(d, dict) and isinstance(d.get("shards"), str) else d
-                             for d in train["datasets"]]
-    return dataclasses.replace(search, train=train, storage=str(Path(search.storage).resolve()))
+    if "datasets" in train:
+        train["datasets"] = absolute(train["datasets"])
+    variants = {name: {**keys, "datasets": absolute(keys["datasets"])} if "datasets" in keys else keys
+                for name, keys in search.variants.items()}
+    return dataclasses.replace(search, train=train, variants=variants, storage=str(Path(search.storage).resolve()))
 
 
 def run_search(search: SearchConfig, address: str | None = None) -> list[dict]:

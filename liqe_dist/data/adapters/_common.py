@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,26 @@ import numpy as np
 
 class DatasetFormatError(ValueError):
     """A dataset's files are not as expected; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """An entry of a dataset's label file that an adapter leaves out on purpose (e.g. LIVE's
+    realigned DMOS marks images without a realigned score as negative): packing writes it to
+    ``rejects.tsv`` with its reason, so the count and the cause stay visible."""
+
+    source: str   # label file and index, as a record's ``source``
+    path: str     # the image it would have been
+    reason: str
+
+
+class Records(list):
+    """An adapter's records (a plain list of :class:`Record`) and the entries it left out
+    (``left_out``): a list subclass, so every caller that takes a list keeps working."""
+
+    def __init__(self, records=(), left_out=()):
+        super().__init__(records)
+        self.left_out: list[LeftOut] = list(left_out)
 
 
 def require(path: Path, what: str) -> Path:

@@ -6,6 +6,7 @@ those stay missing (bring them with the reference label lists). MOS keeps each d
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from liqe_dist.data.records import Record, make_key
@@ -14,8 +15,10 @@ from liqe_dist.data.adapters._common import (DatasetFormatError, FileIndex, colu
 
 
 def read_koniq(root: Path, dataset: str = "koniq10k") -> list[Record]:
-    """KonIQ-10k: koniq10k_scores_and_distributions.csv (image_name, MOS 1..5, SD) and the
-    images in 1024x768/ (or 512x384/)."""
+    """KonIQ-10k: koniq10k_scores_and_distributions.csv (image_name, MOS 1..5, SD, and in the
+    released file MOS_zscore 0..100) and the images in 1024x768/ (or 512x384/). MOS is the 1..5
+    column; MOS_zscore, when there, goes to ``extra["mos_zscore"]`` (what the public PMT-IQA
+    code regresses)."""
     table = root / "koniq10k_scores_and_distributions.csv"
     folder = next((root / d for d in ("1024x768", "512x384") if (root / d).is_dir()), root / "1024x768")
     files = FileIndex(folder)
@@ -26,8 +29,20 @@ def read_koniq(root: Path, dataset: str = "koniq10k") -> list[Record]:
         sd = row.get("sd")
         out.append(Record(key=make_key(dataset, name), dataset=dataset, mos=to_float(column(row, table, "mos"), table, where),
                           source=where, path=str(files.find(name, where)),
-                          mos_std=to_float(sd, table, where) if sd else None))
+                          mos_std=to_float(sd, table, where) if sd else None, extra=_koniq_extra(row, table, where)))
     return out
+
+
+def _koniq_extra(row: dict[str, str], table: Path, where: str) -> dict[str, float]:
+    """``{"mos_zscore": value}`` when the table has a MOS_zscore column (header names are
+    lower-case here), else nothing; an empty or non-numeric cell is an error naming the line."""
+    if "mos_zscore" not in row:
+        return {}
+    text = column(row, table, "mos_zscore", where=where)
+    value = to_float(text, table, where)
+    if not math.isfinite(value):  # a NaN label would poison a training stream's scaling
+        raise DatasetFormatError(f"{where}: MOS_zscore {text!r} is not a finite number")
+    return {"mos_zscore": value}
 
 
 def read_clive(root: Path, dataset: str = "clive", include_training_images: bool = False) -> list[Record]:

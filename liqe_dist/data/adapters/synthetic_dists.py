@@ -7,45 +7,87 @@ enables reference-wise splits.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
+from typing import Literal
 
 from liqe_dist.data.records import Record, make_key
-from liqe_dist.data.adapters._common import (DatasetFormatError, FileIndex, column, load_mat, mat_numbers, mat_strings,
-                      read_table, read_text, require, to_float)
+from liqe_dist.data.adapters._common import (DatasetFormatError, FileIndex, LeftOut, Records, column, load_mat,
+                                             mat_numbers, mat_strings, read_table, read_text, require, to_float)
+
+log = logging.getLogger(__name__)
 
 LIVE_FOLDERS = ("jp2k", "jpeg", "wn", "gblur", "fastfading")  # the order of dmos.mat
 
+LiveDmos = Literal["auto", "original", "realigned"]
+#: LIVE's two label files and the DMOS variable in each (both hold ``orgs`` too, same order).
+LIVE_LABEL_FILES = {"original": ("dmos.mat", "dmos"), "realigned": ("dmos_realigned.mat", "dmos_new")}
 
-def read_live(root: Path, dataset: str = "live", include_references: bool = False) -> list[Record]:
-    """LIVE release 2: dmos.mat (dmos, orgs), refnames_all.mat, one folder per distortion.
 
-    The 982 DMOS entries run over the folders in the order jp2k, jpeg, wn, gblur, fastfading,
-    images img1.bmp..imgN.bmp in each. Entries with orgs = 1 are the undistorted references
-    repeated in every folder; they are left out unless ``include_references``.
-    """
-    mat = load_mat(root / "dmos.mat", "dmos", "orgs")
-    dmos, orgs = mat_numbers(mat["dmos"]), mat_numbers(mat["orgs"])
-    refs = mat_strings(load_mat(root / "refnames_all.mat", "refnames_all")["refnames_all"])
+def live_label_file(root: Path, dmos: LiveDmos = "auto") -> tuple[str, Path, str]:
+    """Which LIVE label file to read: (``original`` | ``realigned``, path, DMOS variable).
+    ``auto`` takes dmos.mat when it is there (what packs always used), else dmos_realigned.mat."""
+    if dmos not in ("auto", *LIVE_LABEL_FILES):
+        raise ValueError(f"LIVE dmos must be auto, original or realigned, got {dmos!r}")
+    if dmos == "auto":
+        realigned_only = not (root / "dmos.mat").exists() and (root / "dmos_realigned.mat").exists()
+        dmos = "realigned" if realigned_only else "original"
+    name, var = LIVE_LABEL_FILES[dmos]
+    if dmos == "realigned":
+        require(root / name, "LIVE realigned DMOS, asked for with dmos=realigned / --live-dmos realigned")
+    return dmos, root / name, var
+
+
+def _live_counts(root: Path) -> list[int]:
+    """Images img<k>.bmp in each LIVE distortion folder, in :data:`LIVE_FOLDERS` order."""
     counts = []
     for folder in LIVE_FOLDERS:
         require(root / folder, f"LIVE distortion folder {folder}")
         counts.append(len([p for p in (root / folder).iterdir() if re.fullmatch(r"img\d+\.bmp", p.name, re.I)]))
-    if not (len(dmos) == len(orgs) == len(refs) == sum(counts)):
-        raise DatasetFormatError(f"{root / 'dmos.mat'}: {len(dmos)} DMOS, {len(orgs)} orgs, {len(refs)} reference "
+    return counts
+
+
+def read_live(root: Path, dataset: str = "live", include_references: bool = False,
+              dmos: LiveDmos = "auto") -> Records:
+    """LIVE release 2: a DMOS file (dmos.mat: dmos, orgs; or dmos_realigned.mat: dmos_new, orgs,
+    chosen by ``dmos``, see :func:`live_label_file`), refnames_all.mat, one folder per distortion.
+
+    The 982 DMOS entries run over the folders in the order jp2k, jpeg, wn, gblur, fastfading,
+    images img1.bmp..imgN.bmp in each. Entries with orgs = 1 are the undistorted references
+    repeated in every folder; they are left out unless ``include_references``. With the realigned
+    file, entries whose dmos_new is negative are left out too (the public PMT-IQA code skips them)
+    and returned in ``left_out`` with the reason, so packing lists them in rejects.tsv.
+    """
+    kind, label_file, var = live_label_file(root, dmos)
+    mat = load_mat(label_file, var, "orgs")
+    values, orgs = mat_numbers(mat[var]), mat_numbers(mat["orgs"])
+    refs = mat_strings(load_mat(root / "refnames_all.mat", "refnames_all")["refnames_all"])
+    counts = _live_counts(root)
+    if not (len(values) == len(orgs) == len(refs) == sum(counts)):
+        raise DatasetFormatError(f"{label_file}: {len(values)} DMOS, {len(orgs)} orgs, {len(refs)} reference "
                                  f"names, but the folders hold {sum(counts)} images ({dict(zip(LIVE_FOLDERS, counts))})")
-    out, i = [], 0
+    log.info("LIVE labels: %s (%s, MOS = 100 - %s)", label_file, kind, var)
+    out, left_out, i = [], [], 0
     for folder, n in zip(LIVE_FOLDERS, counts):
         for k in range(1, n + 1):
-            if include_references or orgs[i] == 0:
-                rel = f"{folder}/img{k}.bmp"
-                out.append(Record(key=make_key(dataset, rel), dataset=dataset, mos=100.0 - dmos[i],
-                                  source=f"{root / 'dmos.mat'}[{i}]", path=str(root / rel),
+            rel, source = f"{folder}/img{k}.bmp", f"{label_file}[{i}]"
+            if orgs[i] and not include_references:
+                pass  # a reference repeated in this folder: not a distorted image
+            elif kind == "realigned" and values[i] < 0:
+                left_out.append(LeftOut(source, str(root / rel), f"negative {var} ({values[i]:g}): left out, as the "
+                                                                 f"public PMT-IQA code skips these"))
+            else:
+                out.append(Record(key=make_key(dataset, rel), dataset=dataset, mos=100.0 - values[i],
+                                  source=source, path=str(root / rel),
                                   distortion_fine="other" if orgs[i] else folder,
                                   reference=Path(refs[i]).stem))
             i += 1
-    return out
+    if left_out:
+        log.warning("%s: left out %d image(s) whose %s is negative (a pack lists them in rejects.tsv)",
+                    label_file, len(left_out), var)
+    return Records(out, left_out)
 
 
 _CSIQ_FOLDERS = {"noise": "awgn", "awgn": "awgn", "jpeg": "jpeg", "jpeg 2000": "jpeg2000", "jpeg2000": "jpeg2000",

@@ -10,14 +10,15 @@ As the public code (github pqy000/PMT-IQA, ``models.py``, ``MultiTaskIQANet(28, 
         (cells 8x8, 4x4, 2x2) -> flatten (1024, 512, 256) -> FC -> 28 features
     stage 4: AvgPool 7x7 -> 2048 -> FC -> 112 - 3 x 28 = 28 features
     concat -> 112 -> FC 112 -> LeakyReLU -> FC 14 -> LeakyReLU        (the shared trunk)
-    regression head: FC 14 -> 1                                        q in [0, 1] (MOS scaled)
+    regression head: FC 14 -> 1                                        q (MOS scaled to [0, 1], or raw)
     classification head: FC 14 -> LeakyReLU -> FC 10                   logits of 10 quality bins
 
 The paper's text describes the trunk as 112 -> 14; the code has the extra 112 -> 112 layer and
 the two-layer classification head, and this module follows the code. The model regresses the
-MOS scaled to [0, 1] by its dataset's range (see :mod:`.objective`); :meth:`PMTIQA.predict`
-reports ``1 + 4 q`` so its scores sit on LIQE's 1-5 scale (a linear map, unclamped: rank
-correlations are those of q).
+MOS scaled to [0, 1] by its dataset's range, or the raw label under the reference recipe (see
+:mod:`.targets`); :meth:`PMTIQA.predict` reports ``1 + 4 q`` (raw outputs first mapped onto
+[0, 1] by the label range they trained on) so its scores sit on LIQE's 1-5 scale (a linear map,
+unclamped: rank correlations are those of q).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ POOL = 7                          # its AvgPool2d(7, stride=7)
 
 #: Architecture fields of :class:`PMTIQAConfig` a weight file records (the rest are training options).
 ARCHITECTURE = ("backbone", "width", "crop_size", "stage_features", "feature_size", "trunk_sizes", "classes")
+#: What a weight file records of the training targets (how :meth:`PMTIQA.predict` reads its output).
+TARGETS = ("target_scale", "target_range")
 
 
 def stage_sides(crop: int) -> tuple[int, int, int, int]:
@@ -100,6 +103,10 @@ class PMTIQA(IQAModel):
 
     family = "pmt_iqa"
     eval_crops = 4  # the public code's test_patch_num (its crops are random; here evenly spaced)
+    # bf16 moves the demo's trained PMT-IQA's test SRCC by 0.016 (0.47 -> 0.45; the ResNet's
+    # convolutions, not the heads: fp32 heads recover 0.003 of it; launch/bench_precision.py),
+    # so precision auto scores it in fp32 and a bf16 run evaluates its float32 masters.
+    auto_bf16 = False
 
     def __init__(self, cfg: PMTIQAConfig = PMTIQAConfig()):
         super().__init__()
@@ -162,9 +169,14 @@ class PMTIQA(IQAModel):
         return pmt_losses(self, batch, self.cfg.classes)
 
     def predict(self, images: torch.Tensor) -> Prediction:
-        """Quality ``1 + 4 q`` (q averaged over the crops) and the mean class probabilities."""
+        """Quality ``1 + 4 q`` (q averaged over the crops; raw targets first mapped by
+        ``target_range`` onto [0, 1]) and the mean class probabilities."""
         q, logits = self(images)
-        return Prediction(quality=1.0 + 4.0 * q.mean(dim=1),
+        q = q.mean(dim=1)
+        if self.cfg.target_scale == "raw" and self.cfg.target_range is not None:  # raw labels -> [0, 1]
+            lo, hi = self.cfg.target_range
+            q = (q - lo) / (hi - lo)
+        return Prediction(quality=1.0 + 4.0 * q,
                           heads={"quality_class": logits.softmax(dim=-1).mean(dim=1)})
 
     @property
@@ -176,7 +188,8 @@ class PMTIQA(IQAModel):
                       ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         state = self.state_dict() if state is None else state
         arch = {k: getattr(self.cfg, k) for k in ARCHITECTURE}
-        return dict(state), {"architecture": json.dumps(arch)}
+        targets = {k: getattr(self.cfg, k) for k in TARGETS}
+        return dict(state), {"architecture": json.dumps(arch), "targets": json.dumps(targets)}
 
     # -- batch norm -------------------------------------------------------------------------
     def _freeze_bn(self, frozen: bool) -> None:

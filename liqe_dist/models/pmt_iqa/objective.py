@@ -1,16 +1,11 @@
-"""PMT-IQA's two losses over the global batch: L1 regression of the scaled MOS and
-cross-entropy over quality classes, weighted by the task weighting (the progressive schedule
-lambda_reg = t / (T - 1), lambda_cls = 1 - lambda_reg by default).
+"""PMT-IQA's two losses over the global batch: L1 regression and cross-entropy over quality
+classes, weighted by the task weighting (the progressive schedule lambda_reg = t / (T - 1),
+lambda_cls = 1 - lambda_reg, or fixed weights as the public scripts run).
 
-Targets, as decided here (the public code differs, see below):
-
-* ``regression``: the MOS scaled to [0, 1] by its dataset's range (``mos_unit`` in the batch:
-  ``(MOS - min) / (max - min)`` with the range recorded in the dataset's shard manifest), so
-  datasets with different scales train one head, as in LIQE's multi-dataset setting. The public
-  code regresses each dataset's raw MOS and trains on one dataset at a time.
-* ``classification``: ``floor(10 * mos_unit)`` clipped to 0..9, so the top of the range (1.0)
-  is class 9. The public code bins each dataset's raw MOS by hand (``round(mos / 10)`` and the
-  like), which yields index 10 for its top scores and makes CrossEntropyLoss fail.
+Targets by ``model.target_scale`` and ``model.class_rule`` (see :mod:`.targets`): the paper
+recipe regresses the MOS scaled to [0, 1] by its dataset's range (``mos_unit``) and bins it into
+10 equal classes; the reference recipe regresses the raw label and bins it by the public code's
+per-dataset rules.
 
 Every crop is an item (the public code feeds each patch as a sample): a batch of B images with
 U crops has B U items. Sums and counts are all-reduced with gradient (see
@@ -27,6 +22,7 @@ import torch.nn.functional as F
 
 from liqe_dist.dist.collectives import all_reduce_sum, all_reduce_sum_grad
 from liqe_dist.models.base import LossTerm
+from liqe_dist.models.pmt_iqa.targets import per_dataset_classes
 
 if TYPE_CHECKING:
     from liqe_dist.models.pmt_iqa.model import PMTIQA
@@ -37,18 +33,36 @@ def quality_class(mos_unit: torch.Tensor, classes: int = 10) -> torch.Tensor:
     return (mos_unit * classes).floor().clamp(0, classes - 1).long()
 
 
+def targets(cfg, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(regression target ``[N]`` float, 0 where there is no MOS; class ``[N]`` long) of a batch
+    under ``cfg``'s target scale and class rule."""
+    if "mos_unit" not in batch:
+        raise KeyError("PMT-IQA needs the batch's 'mos_unit' (MOS scaled to [0, 1] per dataset; batches from "
+                       "liqe_dist.data.stream.TrainBatches carry it)")
+    has = batch["has_mos"]
+    unit = torch.where(has, batch["mos_unit"], torch.zeros_like(batch["mos_unit"]))
+    if cfg.target_scale == "unit" and cfg.class_rule == "unit_bins":
+        return unit, quality_class(unit, cfg.classes)
+    raw = torch.where(has, batch["mos"], torch.zeros_like(batch["mos"]))
+    if cfg.class_rule == "per_dataset":
+        if cfg.class_datasets is None:
+            raise ValueError("model.class_rule per_dataset needs model.class_datasets (filled from the training "
+                             "data by PMTIQAConfig.bind_data)")
+        labels = per_dataset_classes(raw, batch["dataset"], cfg.class_datasets)
+    else:
+        labels = quality_class(unit, cfg.classes)
+    return (raw if cfg.target_scale == "raw" else unit), labels
+
+
 def pmt_losses(model: "PMTIQA", batch: dict, classes: int) -> dict[str, LossTerm]:
     """``{"classification": CE, "regression": L1}`` as sums over the global batch's crops with
     a MOS, and their count."""
-    if "mos_unit" not in batch:
-        raise KeyError("PMT-IQA trains on MOS scaled to [0, 1] per dataset: the batch has no 'mos_unit' "
-                       "(batches from liqe_dist.data.stream.TrainBatches carry it)")
+    target, labels = targets(model.cfg, batch)
     q, logits = model(batch["images"])                 # [B, U], [B, U, K]
     b, u = q.shape
     valid = batch["has_mos"][:, None].expand(b, u)
-    target = torch.where(batch["has_mos"], batch["mos_unit"], torch.zeros_like(batch["mos_unit"]))
     l1 = torch.where(valid, (q - target[:, None].to(q.dtype)).abs(), torch.zeros_like(q)).sum()
-    labels = quality_class(target, classes)[:, None].expand(b, u)
+    labels = labels[:, None].expand(b, u)
     ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
     ce = torch.where(valid.flatten(), ce, torch.zeros_like(ce)).sum()
     sums = all_reduce_sum_grad(torch.stack([ce, l1]))

@@ -9,10 +9,11 @@ import json
 import torch
 
 from liqe_dist.models.pmt_iqa.config import PMTIQAConfig
-from liqe_dist.models.pmt_iqa.model import ARCHITECTURE, PMTIQA
+from liqe_dist.models.pmt_iqa.model import ARCHITECTURE, PMTIQA, TARGETS
 from liqe_dist.models.weights import FORMAT, CheckpointError, check_fits
 
 MAX_PARAMETERS = 1_000_000_000
+NOT_OPTIONS = ("family", "pretrained", "checkpoint", "precision")  # config fields that are neither architecture nor options
 MAX_TRUNK = 8  # layers; each at most MAX_WIDTH features
 MAX_WIDTH = 16384
 
@@ -40,13 +41,36 @@ def architecture(meta: dict[str, str], path) -> dict:
     return arch
 
 
+def targets(meta: dict[str, str], path) -> dict:
+    """The training targets a file records (none in files from before they were recorded: the
+    unit scale)."""
+    if "targets" not in meta:
+        return {}
+    try:
+        out = json.loads(meta["targets"])
+        if not isinstance(out, dict) or set(out) != set(TARGETS):
+            raise ValueError(f"expected the keys {list(TARGETS)}")
+        if out["target_scale"] not in ("unit", "raw"):
+            raise ValueError(f"target_scale = {out['target_scale']!r}")
+        r = out["target_range"]
+        if r is not None and not (isinstance(r, list) and len(r) == 2
+                                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r)):
+            raise ValueError(f"target_range = {r!r} is not [min, max]")
+        out["target_range"] = None if r is None else tuple(float(v) for v in r)
+        PMTIQAConfig(**out)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: malformed PMT-IQA targets metadata ({type(exc).__name__}: {exc})") from None
+    return out
+
+
 def from_weights(state: dict[str, torch.Tensor], meta: dict[str, str], path, **options) -> PMTIQA:
     """PMT-IQA from a weight file's tensors and metadata; ``options``: training-only config
     fields (``frozen_bn``)."""
-    unknown = set(options) - set(training_options(PMTIQAConfig()))
+    unknown = set(options) - {f.name for f in dataclasses.fields(PMTIQAConfig)
+                              if f.name not in ARCHITECTURE and f.name not in NOT_OPTIONS}
     if unknown:
         raise CheckpointError(f"{path}: holds a PMT-IQA model; {', '.join(sorted(unknown))} apply to LIQE only")
-    cfg = PMTIQAConfig(**architecture(meta, path), **options)
+    cfg = PMTIQAConfig(**architecture(meta, path), **{**targets(meta, path), **options})
     with torch.device("meta"):
         skeleton = PMTIQA(cfg)
     size = sum(p.numel() for p in skeleton.parameters())
@@ -61,4 +85,5 @@ def from_weights(state: dict[str, torch.Tensor], meta: dict[str, str], path, **o
 def training_options(cfg: PMTIQAConfig) -> dict:
     """The config fields that are not architecture (they come from the run, not the file)."""
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-            if f.name not in ARCHITECTURE and f.name not in ("family", "pretrained", "checkpoint", "precision")}
+            if f.name not in ARCHITECTURE and f.name not in NOT_OPTIONS
+            and not (f.name in TARGETS and getattr(cfg, f.name) is None)}  # unset: the file's
