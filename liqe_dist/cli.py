@@ -100,6 +100,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
                      workers=args.workers, max_pixels=int(args.max_megapixels * 1_000_000))
     source = {"format": args.format, "root": str(Path(args.root).resolve()),
               "lists": str(Path(args.lists).resolve()) if args.lists else None}
+    if getattr(records, "labels", None):
+        source["labels"] = records.labels  # which label file (LIVE: dmos.mat or dmos_realigned.mat)
     result = pack_records(records, Path(args.out) / name, name, source, cfg, progress=not args.no_progress,
                           force=args.force)
     log.info("%s", result.summary(name))
@@ -413,6 +415,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return 0
         torch.manual_seed(cfg.seed)  # the initial weights training with this config would start from
         model, label, crops = build_model(model_cfg), model_cfg.label, cfg.crops
+        if args.precision == "auto" and not model.auto_bf16:  # as load_model: this family scores in fp32
+            model = model.float()
         shards = args.shards or [d.shards for d in cfg.datasets]
         sets = args.shards or cfg.datasets  # a config's datasets bring their resize and label
         split = cfg.split if args.split is None else args.split

@@ -387,7 +387,7 @@ def pmt_bf16_evaluation_rank(rank: int, world: int, port: int, workdir: str) -> 
     engine.backward(weighted_total(engine.module.training_losses(local), FAMILY_WEIGHTS["pmt_iqa"]))
     engine.step()
     masters = master_state_dict(engine)
-    evaluated = evaluation_module(engine).eval()
+    evaluated = evaluation_module(engine, lambda: PMTIQA(PMTIQAConfig(**PMT_TINY))).eval()
     engine.module.eval()
     images = batch["images"][:3]
     with torch.no_grad():

@@ -74,6 +74,11 @@ def test_public_class_rules_on_the_bin_edges():
         labels = torch.tensor([packed(v) for v in public], dtype=torch.float32)
         got = per_dataset_classes(labels, torch.zeros(len(public), dtype=torch.long), (name,))
         assert got.tolist() == expected, name
+    # CSIQ as packed (1 - DMOS in float64): the file's DMOS come back before the float32 cast, so
+    # 0.05 -> 0.5 -> 0 and 0.15 -> 1.5 -> 2 as the code; from float32 MOS they would give 1 and 1
+    packed = torch.tensor([1 - 0.05, 1 - 0.15], dtype=torch.float64)
+    assert per_dataset_classes(packed, torch.zeros(2, dtype=torch.long), ("csiq",)).tolist() == [0, 2]
+    assert per_dataset_classes(packed.float(), torch.zeros(2, dtype=torch.long), ("csiq",)).tolist() == [1, 1]
     # several datasets in one batch: each sample by its own dataset's rule
     mixed = per_dataset_classes(torch.tensor([5.0, 5.0]), torch.tensor([0, 1]), ("clive", "bid"))
     assert mixed.tolist() == [0, 9]
@@ -188,15 +193,18 @@ def test_one_pass_an_epoch_and_the_80_20_parts(shards):
     spec = [DatasetSpec("bid", str(sets["bid"]), batch_size=3)]
     assert steps_per_pass(spec, 3, 2) == -(-counts["train"] // 6)
     assert steps_per_pass(spec, 3, 1, ("train", "val")) == -(-(counts["train"] + counts["val"]) // 3)
-    cfg = TrainConfig(datasets=spec, model=PMTIQAConfig(width=8), steps_per_epoch="pass", split=3, workers=1,
+    cfg = TrainConfig(datasets=spec, model=PMTIQAConfig(width=8), epoch_length="pass", split=3, workers=1,
                       train_parts=("train", "val"), eval_parts=("test",), selection="test")
     assert cfg.steps_per_epoch == -(-(counts["train"] + counts["val"]) // 3) and cfg.total_steps == 80 * cfg.steps_per_epoch
     with pytest.raises(ValueError, match="eval_parts: val is trained on"):
         replace(cfg, eval_parts=("val", "test"))
     with pytest.raises(ValueError, match="train_parts"):
         replace(cfg, train_parts=("val",))
-    with pytest.raises(ValueError, match="steps_per_epoch: pass needs datasets.x"):
-        TrainConfig(datasets=[DatasetSpec("x", "/nonexistent")], steps_per_epoch="pass")
+    with pytest.raises(ValueError, match="epoch_length: pass needs datasets.x"):
+        TrainConfig(datasets=[DatasetSpec("x", "/nonexistent")], epoch_length="pass")
+    assert replace(cfg, workers=2).steps_per_epoch == -(-(counts["train"] + counts["val"]) // 6)  # recomputed
+    with pytest.raises(ValueError, match="selection: the best step is chosen on val, which eval_parts"):
+        replace(cfg, train_parts=("train",), selection="val")
 
 
 def test_reference_config_resolves_knob_by_knob(shards, monkeypatch):
@@ -238,10 +246,6 @@ def test_every_datasets_reference_run_takes_a_step(shards, monkeypatch):
     monkeypatch.chdir(root)
     from liqe_dist.tune.protocol import load_protocol
 
-    from liqe_dist.cli import main
-
-    sets = [f"--set={k}={json.dumps(v)}" for k, v in {**protocol_overrides(), "storage": str(root / "runs")}.items()]
-    assert main(["protocol", "--config", str(CONFIGS / "protocol_pmt_iqa.yaml"), "--check", *sets]) == 0
     protocol = load_protocol(CONFIGS / "protocol_pmt_iqa.yaml",
                              {**protocol_overrides(), "storage": str(root / "runs"), "splits": [0]})
     search = protocol.search()
@@ -249,12 +253,47 @@ def test_every_datasets_reference_run_takes_a_step(shards, monkeypatch):
     cfgs = []
     for variant in protocol.variants:
         cfg = search.trial_config({"split": 0, "variant": variant})
-        cfg = replace(cfg, epochs=1, steps_per_epoch=1, out_dir=str(root / "one-step"), name=variant)
+        cfg = replace(cfg, epochs=1, epoch_length="steps", steps_per_epoch=1, out_dir=str(root / "one-step"),
+                      name=variant)
         cfgs.append(json.loads(json.dumps(to_dict(cfg))))
     mp.spawn(train_configs_rank, args=(1, free_local_port(), cfgs), nprocs=1, join=True)
+    from liqe_dist.train.state import _allow_deepspeed_types
+
+    _allow_deepspeed_types()
     for variant in protocol.variants:
-        best = json.loads((root / "one-step" / variant / "best.json").read_text())
+        run = root / "one-step" / variant
+        best = json.loads((run / "best.json").read_text())
         assert best["step"] == 1 and -1 <= best[f"test/{variant}/srcc"] <= 1, variant
+        # the epoch's end reset Adam before the checkpoint (optim.reset_each_epoch)
+        state = torch.load(run / "checkpoints" / "step-00000001" / "rank-0.pt", weights_only=True)
+        assert state["optimizer"]["base_optimizer_state"]["state"] == {}, variant
+
+
+def test_protocol_config_checks(shards, monkeypatch):
+    """``liqe-dist protocol --check`` on protocol_pmt_iqa.yaml: every variant's trial config
+    validated against the packed sets (raw labels, class rules, resizes, KonIQ's z-score range)."""
+    from liqe_dist.cli import main
+
+    root, _ = shards
+    monkeypatch.chdir(root)
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in {**protocol_overrides(), "storage": str(root / "runs")}.items()]
+    assert main(["protocol", "--config", str(CONFIGS / "protocol_pmt_iqa.yaml"), "--check", *sets]) == 0
+    bad = sets + ['--set=variants.koniq10k.datasets=[{"name": "koniq10k", "shards": "shards/koniq10k"}]']
+    assert main(["protocol", "--config", str(CONFIGS / "protocol_pmt_iqa.yaml"), "--check", *bad]) != 0
+
+
+def test_resume_reads_an_older_record_with_the_new_keys_at_their_defaults(shards):
+    from liqe_dist.train.config import resolved_config, resume_changes
+
+    _, sets = shards
+    cfg = TrainConfig(datasets=[DatasetSpec("bid", str(sets["bid"]))], model=PMTIQAConfig(width=8))
+    old = resolved_config(cfg)
+    for key in ("train_parts", "selection", "epoch_length"):  # keys a record of the last version lacks
+        del old[key]
+    del old["optim"]["step_delay_epochs"], old["model"]["recipe"], old["crops"]["positions"]
+    assert resume_changes(old, resolved_config(cfg)) == []
+    assert resume_changes(old, resolved_config(replace(cfg, selection="test", eval_parts=("test",)))) == \
+        ["eval_parts: ['val', 'test'] -> ['test']", "selection: None -> 'test'"]
 
 
 def test_report_prints_the_published_figures_and_the_selection(tmp_path):
@@ -287,8 +326,9 @@ def test_single_dataset_protocol_runs_one_split(shards, monkeypatch):
     full = load_protocol(CONFIGS / "protocol_pmt_iqa.yaml", {**protocol_overrides(), "storage": str(root / "runs")})
     variants = {k: full.variants[k] for k in ("bid", "koniq10k")}
     protocol = load_protocol(CONFIGS / "protocol_pmt_iqa.yaml",
-                             {**protocol_overrides(), "train.steps_per_epoch": 2, "train.workers": 1,
-                              "storage": str(root / "runs"), "splits": [0], "variants": variants})
+                             {**protocol_overrides(), "train.epoch_length": "steps", "train.steps_per_epoch": 1,
+                              "train.epochs": 3, "train.workers": 1, "storage": str(root / "runs"), "splits": [0],
+                              "variants": variants})
     start_local_cluster(2)
     try:
         report = run_protocol(protocol)
@@ -302,6 +342,13 @@ def test_single_dataset_protocol_runs_one_split(shards, monkeypatch):
         assert set(k.split("/")[0] for k in best if "/" in k) == {"test"}  # nothing trained is evaluated
         config = (trial / "config.yaml").read_text()
         assert "selection: test" in config and "target_scale: raw" in config, variant
+        # three evaluations; the reported one is the best test step (the public code's figure)
+        import csv
+
+        rows = list(csv.DictReader(open(trial / "eval.csv")))
+        assert len(rows) == 3
+        scores = [float(r["test/mean_srcc"]) for r in rows]
+        assert best["step"] == int(rows[scores.index(max(scores))]["step"]), variant
 
 
 def test_auto_precision_scores_pmt_in_fp32(tmp_path):
@@ -312,6 +359,28 @@ def test_auto_precision_scores_pmt_in_fp32(tmp_path):
     save_weights(PMTIQA(PMTIQAConfig(width=8)), tmp_path / "p.safetensors")
     assert load_model(str(tmp_path / "p.safetensors"), precision="bf16", requested="auto").dtype == torch.float32
     assert load_model(str(tmp_path / "p.safetensors"), precision="bf16", requested="bf16").dtype == torch.bfloat16
+
+
+def test_eval_of_a_config_under_auto_keeps_pmt_in_fp32(shards, monkeypatch, caplog):
+    """``liqe-dist eval --config ... --precision auto`` where auto would pick bf16 (patched: this
+    machine may not compute bf16 natively): PMT-IQA is evaluated in fp32."""
+    import logging
+
+    import liqe_dist.hardware
+    from liqe_dist.cli import main
+
+    _, sets = shards
+    monkeypatch.setattr(liqe_dist.hardware, "resolve_precision", lambda requested, device, **_: "bf16")
+    config = CONFIGS / "demo_pmt_iqa.yaml"
+    with caplog.at_level(logging.INFO):
+        assert main(["eval", "--config", str(config), "--precision", "auto", "--workers", "0", "--no-progress",
+                     str(sets["bid"])]) == 0
+    assert "pmt_iqa on cpu, fp32" in caplog.text
+    monkeypatch.setattr(PMTIQA, "auto_bf16", True)  # a family bf16 may score: it is
+    caplog.clear()
+    assert main(["eval", "--config", str(config), "--precision", "auto", "--workers", "0", "--no-progress",
+                 str(sets["bid"])]) == 0
+    assert "pmt_iqa on cpu, bf16" in caplog.text
 
 
 @pytest.mark.slow

@@ -160,7 +160,8 @@ def collate(samples: list[CropSample], dataset_ids: list[int], skipped: int = 0,
     """Stack samples into a batch with label tensors and masks.
 
     ``images`` [N, U, 3, 224, 224] uint8; ``dataset`` [N] long; ``mos`` [N] float (NaN where
-    missing) and ``has_mos``; ``scenes`` [N, 9] multi-hot and ``has_scenes``; ``distortion`` [N]
+    missing), the same as float64 in ``mos_exact`` (rules on a label's digits: PMT-IQA's classes),
+    and ``has_mos``; ``scenes`` [N, 9] multi-hot and ``has_scenes``; ``distortion`` [N]
     long (-1 where missing) and ``has_distortion``; ``keys``; ``skipped``: bad samples met since
     the last batch. With ``mos_ranges`` (each dataset id's (min, max) MOS) also ``mos_unit``
     [N]: the MOS scaled to [0, 1] by its dataset's range (:func:`unit_mos`).
@@ -176,6 +177,8 @@ def collate(samples: list[CropSample], dataset_ids: list[int], skipped: int = 0,
         "images": torch.stack([s.pixels for s in samples]),
         "dataset": torch.tensor(dataset_ids, dtype=torch.long),
         "mos": mos, "has_mos": ~torch.isnan(mos),
+        "mos_exact": torch.tensor([float("nan") if s.mos is None else float(s.mos) for s in samples],
+                                  dtype=torch.float64),
         "scenes": scenes, "has_scenes": scenes.sum(dim=1) > 0,
         "distortion": dist, "has_distortion": dist >= 0,
         "keys": [s.key for s in samples],

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -281,17 +281,16 @@ def master_state_dict(engine) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def evaluation_module(engine) -> nn.Module:
+def evaluation_module(engine, build: Callable[[], nn.Module]) -> nn.Module:
     """The module evaluation runs: the engine's, or, for a bf16 engine of a family that evaluates
-    in fp32 only (``auto_bf16`` false: PMT-IQA), a float32 copy holding the float32 masters (a
-    collective under ZeRO: every rank calls it)."""
+    in fp32 only (``auto_bf16`` false: PMT-IQA), a new float32 model from ``build()`` holding the
+    float32 masters (a new one, not a copy: the engine's module carries DeepSpeed's hooks). A
+    collective under ZeRO: every rank calls it."""
     module = engine.module
     if not engine.bfloat16_enabled() or getattr(module, "auto_bf16", True):
         return module
-    import copy
-
     masters = master_state_dict(engine)
-    full = copy.deepcopy(module).float()
+    full = build().float().to(engine.device)
     full.load_state_dict(masters)
     return full
 

@@ -32,7 +32,10 @@ class TrainConfig:
     crops: CropConfig = field(default_factory=CropConfig)
     split: int = 0                  # which of the ten splits (0-based)
     epochs: int = 80               # 0: nothing is trained; the model as built is evaluated (zero-shot)
-    steps_per_epoch: int | Literal["pass"] = 200  # pass: one pass over the train split (resolved from the manifests)
+    steps_per_epoch: int = 200
+    # steps: an epoch is steps_per_epoch steps; pass: one pass over the training parts, its
+    # steps computed from the shard manifests (and recomputed whenever the config changes)
+    epoch_length: Literal["steps", "pass"] = "steps"
     seed: int = 0
     workers: int = 2                # data-parallel ranks (Ray Train workers)
     use_gpu: bool = False
@@ -56,18 +59,26 @@ class TrainConfig:
     batch_is_global: bool = False
     # The best step is chosen on the mean val SRCC (val), or on the test SRCC as the PMT-IQA
     # public code reports its figure (test: optimistic, the test part picks the step it reports).
-    selection: Literal["val", "test"] = "val"
+    # None: val when eval_parts has it, else the latest evaluated step.
+    selection: Literal["val", "test"] | None = None
 
     def __post_init__(self) -> None:
         # frozen: fill what the model family's recipe decides, once
         object.__setattr__(self, "optim", family_optim(self.optim, self.model))
         if hasattr(self.model, "bind_data"):
             object.__setattr__(self, "model", self.model.bind_data(self.datasets))
-        if self.steps_per_epoch == "pass":
+        if not self.train_parts or set(self.train_parts) - {"train", "val"} or "train" not in self.train_parts:
+            raise ValueError(f"train_parts: expected train and optionally val, got {list(self.train_parts)}")
+        if self.epoch_length not in ("steps", "pass"):
+            raise ValueError(f"epoch_length must be steps or pass, got {self.epoch_length!r}")
+        if self.epoch_length == "pass":
             object.__setattr__(self, "steps_per_epoch", steps_per_pass(self.rank_datasets, self.split,
                                                                        max(1, self.workers), self.train_parts))
-        if self.selection not in ("val", "test"):
+        if self.selection is not None and self.selection not in ("val", "test"):
             raise ValueError(f"selection must be val or test, got {self.selection!r}")
+        if self.selection is not None and self.selection not in self.eval_parts:
+            raise ValueError(f"selection: the best step is chosen on {self.selection}, which eval_parts "
+                             f"({list(self.eval_parts)}) does not evaluate")
         if getattr(self.model, "crop_size", self.crops.size) != self.crops.size:
             raise ValueError(f"crops.size ({self.crops.size}) must equal model.crop_size ({self.model.crop_size})")
         if self.weighting.method == "progressive":
@@ -105,10 +116,6 @@ class TrainConfig:
         bad = set(self.eval_parts) - {"val", "test"}
         if bad:
             raise ValueError(f"eval_parts: unknown part(s) {sorted(bad)}")
-        if not self.train_parts or set(self.train_parts) - {"train", "val"}:
-            raise ValueError(f"train_parts: expected train and optionally val, got {list(self.train_parts)}")
-        if "train" not in self.train_parts:
-            raise ValueError(f"train_parts must hold train, got {list(self.train_parts)}")
         trained = sorted(set(self.eval_parts) & set(self.train_parts))
         if trained:
             raise ValueError(f"eval_parts: {trained[0]} is trained on (train_parts); evaluate the parts held out")
@@ -118,6 +125,11 @@ class TrainConfig:
                 if d.batch_size % self.workers:
                     raise ValueError(f"datasets.{d.name}.batch_size: {d.batch_size} images is the global batch "
                                      f"(batch_is_global: true) and does not divide over {self.workers} workers")
+
+    @property
+    def selection_part(self) -> str:
+        """The part the best step is chosen on (``selection``, or val by default)."""
+        return self.selection or "val"
 
     @property
     def rank_datasets(self) -> list[DatasetSpec]:
@@ -173,7 +185,9 @@ def family_optim(optim: OptimConfig, model) -> OptimConfig:
 def steps_per_pass(datasets: list[DatasetSpec], split: int, workers: int, parts: tuple[str, ...] = ("train",)) -> int:
     """Steps of one pass over the train split: the largest ``ceil(train images / global
     batch)`` over the datasets (the public code's epoch; its loader keeps the last, smaller
-    batch), from each shard manifest's split counts."""
+    batch), from each shard manifest's split counts. The stream never yields a short batch: the
+    last step of an epoch is filled from the next pass, so an epoch sees one pass give or take
+    a batch."""
     from liqe_dist.data.packing import read_manifest
 
     steps = 1
@@ -182,7 +196,7 @@ def steps_per_pass(datasets: list[DatasetSpec], split: int, workers: int, parts:
             counts = read_manifest(Path(d.shards))["splits"]["counts"][split]
             n = sum(counts[p] for p in parts)
         except (OSError, KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"steps_per_epoch: pass needs datasets.{d.name}'s {'+'.join(parts)} count of split {split} "
+            raise ValueError(f"epoch_length: pass needs datasets.{d.name}'s {'+'.join(parts)} count of split {split} "
                              f"from {d.shards}/manifest.json ({type(exc).__name__}: {exc})") from None
         steps = max(steps, math.ceil(n / (d.batch_size * workers)))
     return steps
@@ -208,7 +222,14 @@ def resolved_config(cfg: TrainConfig) -> dict:
 
 def resume_changes(old: dict, new: dict) -> list[str]:
     """The changes from the recorded config ``old`` to ``new`` that a resumed run refuses
-    (``dotted.key: old -> new``); empty when it may go on."""
+    (``dotted.key: old -> new``); empty when it may go on. A key the record lacks (written by a
+    version before the key existed) counts as its default: the record is read back as a config."""
+    from liqe_dist.config import ConfigError, from_dict
+
+    try:
+        old = resolved_config(from_dict(TrainConfig, old))
+    except (ConfigError, ValueError, TypeError, KeyError, OSError):
+        pass  # a record this version cannot read (a removed key): compared as it is
     changes = [c for c in describe_changes(old, new) if c.split(":", 1)[0] not in RESUME_SAFE_KEYS]
     if old.get("epochs") is not None and new["epochs"] >= old["epochs"]:
         changes = [c for c in changes if not c.startswith("epochs:")]

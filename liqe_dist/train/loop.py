@@ -16,6 +16,7 @@ over ranks) is one tensor read once (:func:`step_record`, :func:`read_record`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -163,7 +164,7 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None, launch: dict 
     device = engine.device
     weighting = build_weighting(cfg.weighting, tasks, cfg.steps_per_epoch, cfg.epochs)
     ckpt_dir = run_dir / "checkpoints"
-    step, best = 0, {f"{cfg.selection}/mean_srcc": -math.inf}
+    step, best = 0, {f"{cfg.selection_part}/mean_srcc": -math.inf}
     check_resume(cfg)
     latest = latest_checkpoint(ckpt_dir, world)
     if r == 0:
@@ -187,10 +188,13 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None, launch: dict 
     rank_sizes = [sum(d.batch_size for d in cfg.rank_datasets)] * world  # every rank's images per step
     metrics: dict = {}
 
+    def fresh_model() -> IQAModel:  # the model as built, for a float32 evaluation copy
+        return build_model(dataclasses.replace(cfg.model, pretrained=None, checkpoint=None, precision="fp32"))
+
     def evaluate(step: int) -> None:
         """val/test criteria into ``metrics`` and the logs; a new best (by mean val SRCC) is saved."""
         nonlocal best
-        eval_model = evaluation_module(engine)
+        eval_model = evaluation_module(engine, fresh_model)
         for part in cfg.eval_parts:
             results = evaluate_all_ranks(eval_model, cfg, part)
             metrics.update(rank0_value(_eval_metrics(results, part, eval_model.heads)))
@@ -200,7 +204,7 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None, launch: dict 
         runlog.eval(metrics)
         # Best = highest mean SRCC of the selection part (val; test as the PMT-IQA public code
         # reports); a part too small to rank (NaN) makes the latest best.
-        key = f"{cfg.selection}/mean_srcc"
+        key = f"{cfg.selection_part}/mean_srcc"
         val = metrics.get(key, math.nan)
         if math.isnan(val) or math.isnan(best.get(key, math.nan)) or val > best[key]:
             best = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}

@@ -65,7 +65,7 @@ class ProtocolConfig:
     @property
     def selection(self) -> str:
         """The part each trial's best step is chosen on (``train.selection``: val, or test)."""
-        return self.train.get("selection", "val")
+        return self.train.get("selection") or "val"
 
     def search(self) -> SearchConfig:
         """The search that runs the protocol: a grid over splits (x variants), every trial to the end."""
@@ -198,7 +198,7 @@ def write_report(experiment_dir: str | Path) -> Path:
 
     protocol_file = exp / PROTOCOL_FILE
     protocol = json.loads(protocol_file.read_text()) if protocol_file.exists() else {}
-    selection = protocol.get("train", {}).get("selection", "val")
+    selection = protocol.get("train", {}).get("selection") or "val"
     published = protocol.get("published") or {}
     n = max((r["splits"] for r in rows), default=0)
     md = [f"# {exp.name}: median SRCC / PLCC over {n} split(s) (test part, at the best {selection} step)", ""]

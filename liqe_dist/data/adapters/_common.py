@@ -28,9 +28,10 @@ class Records(list):
     """An adapter's records (a plain list of :class:`Record`) and the entries it left out
     (``left_out``): a list subclass, so every caller that takes a list keeps working."""
 
-    def __init__(self, records=(), left_out=()):
+    def __init__(self, records=(), left_out=(), labels: str | None = None):
         super().__init__(records)
         self.left_out: list[LeftOut] = list(left_out)
+        self.labels = labels  # the label file read, when a dataset has several (LIVE's two DMOS files)
 
 
 def require(path: Path, what: str) -> Path:

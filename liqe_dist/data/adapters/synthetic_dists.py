@@ -87,7 +87,7 @@ def read_live(root: Path, dataset: str = "live", include_references: bool = Fals
     if left_out:
         log.warning("%s: left out %d image(s) whose %s is negative (a pack lists them in rejects.tsv)",
                     label_file, len(left_out), var)
-    return Records(out, left_out)
+    return Records(out, left_out, labels=label_file.name)
 
 
 _CSIQ_FOLDERS = {"noise": "awgn", "awgn": "awgn", "jpeg": "jpeg", "jpeg 2000": "jpeg2000", "jpeg2000": "jpeg2000",

@@ -43,7 +43,8 @@ def targets(cfg, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     unit = torch.where(has, batch["mos_unit"], torch.zeros_like(batch["mos_unit"]))
     if cfg.target_scale == "unit" and cfg.class_rule == "unit_bins":
         return unit, quality_class(unit, cfg.classes)
-    raw = torch.where(has, batch["mos"], torch.zeros_like(batch["mos"]))
+    exact = batch.get("mos_exact", batch["mos"])  # float64: the class rules need the labels' own digits
+    raw = torch.where(has, exact, torch.zeros_like(exact))
     if cfg.class_rule == "per_dataset":
         if cfg.class_datasets is None:
             raise ValueError("model.class_rule per_dataset needs model.class_datasets (filled from the training "

@@ -17,7 +17,9 @@ Classes (``model.class_rule``):
 
 * ``unit_bins`` (paper recipe): ``floor(10 * mos_unit)``, the top of the range in class 9.
 * ``per_dataset`` (reference recipe): the public code's rules (``folders.py``) on its labels,
-  in float32 as it computes them; ``round`` is half-to-even (numpy's and Python's):
+  in float32 as it computes them from the label files' values (here from the batch's float64
+  ``mos_exact``, so 1 - (1 - DMOS) gives the file's DMOS back before the float32 cast);
+  ``round`` is half-to-even (numpy's and Python's):
 
   ======== ======================= =============================================
   dataset  public label            class
@@ -38,6 +40,7 @@ Classes (``model.class_rule``):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -49,6 +52,9 @@ from liqe_dist.data.packing import read_manifest
 if TYPE_CHECKING:
     from liqe_dist.data.stream import DatasetSpec
     from liqe_dist.models.pmt_iqa.config import PMTIQAConfig
+
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
 
 CLASSES = 10
 
@@ -92,20 +98,22 @@ def per_dataset_classes(labels: torch.Tensor, dataset: torch.Tensor, names: tupl
     return out.clamp(0, CLASSES - 1).long()
 
 
-def dataset_facts(d: "DatasetSpec") -> tuple[str, tuple[float, float]]:
-    """(packed dataset name, (min, max) of ``d.label``) from ``d``'s shard manifest."""
+def dataset_facts(d: "DatasetSpec") -> tuple[str, tuple[float, float], dict]:
+    """(packed dataset name, (min, max) of ``d.label``, the pack's source) from ``d``'s shard
+    manifest."""
     from liqe_dist.data.stream import label_range
 
     manifest = read_manifest(Path(d.shards))
     try:
-        return manifest["dataset"], label_range(d.shards, d.label, manifest)
+        return manifest["dataset"], label_range(d.shards, d.label, manifest), manifest.get("source") or {}
     except ValueError as exc:
         raise ValueError(f"datasets.{d.name}.label: {exc}") from None
 
 
 def bind_targets(cfg: "PMTIQAConfig", datasets: "list[DatasetSpec]") -> "PMTIQAConfig":
     """``cfg`` with ``target_range`` (raw targets) and ``class_datasets`` (per-dataset classes)
-    from the training data's manifests; ``cfg`` itself when neither is needed."""
+    from the training data's manifests, always recomputed (facts of the data: a config given
+    other datasets gets their facts); ``cfg`` itself when neither is needed."""
     if cfg.target_scale == "unit" and cfg.class_rule == "unit_bins":
         return cfg
     if cfg.target_scale == "raw" and len(datasets) != 1:
@@ -113,11 +121,15 @@ def bind_targets(cfg: "PMTIQAConfig", datasets: "list[DatasetSpec]") -> "PMTIQAC
                          f"regime); datasets lists {len(datasets)}: train one per run (launch/configs/"
                          "protocol_pmt_iqa.yaml does) or set model.target_scale: unit")
     facts = [dataset_facts(d) for d in datasets]
-    changes: dict = {}
-    if cfg.target_scale == "raw" and cfg.target_range is None:
-        changes["target_range"] = facts[0][1]
+    changes: dict = {"target_range": facts[0][1] if cfg.target_scale == "raw" else None, "class_datasets": None}
     if cfg.class_rule == "per_dataset":
-        for d, (name, _) in zip(datasets, facts):
+        for d, (name, _, source) in zip(datasets, facts):
+            labels = source.get("labels")
+            if name == "live" and labels != "dmos_realigned.mat" and d.shards not in _WARNED:
+                _WARNED.add(d.shards)  # once per process: configs are rebuilt often (workers, trials)
+                log.warning("datasets.%s: %s was packed from %s; the public code's LIVE labels are "
+                            "dmos_realigned.mat (liqe-dist pack live PATH --live-dmos realigned)",
+                            d.name, d.shards, labels or "labels other than dmos_realigned.mat")
             if name not in CLASS_RULES:
                 raise ValueError(f"model.class_rule per_dataset: datasets.{d.name} ({d.shards}) is packed as "
                                  f"{name!r}; the public code's rules cover {', '.join(CLASS_RULES)} "
@@ -126,5 +138,7 @@ def bind_targets(cfg: "PMTIQAConfig", datasets: "list[DatasetSpec]") -> "PMTIQAC
             if label != wanted:
                 raise ValueError(f"model.class_rule per_dataset: {name}'s rule reads {wanted!r}; "
                                  f"datasets.{d.name}.label is {label!r}")
-        changes["class_datasets"] = tuple(name for name, _ in facts)
-    return replace(cfg, **changes) if changes else cfg
+        changes["class_datasets"] = tuple(name for name, _, _ in facts)
+    if all(getattr(cfg, k) == v for k, v in changes.items()):
+        return cfg
+    return replace(cfg, **changes)
