@@ -3,6 +3,7 @@ MOS_zscore (``extra``), and the manifest's ``extra_ranges`` that scale such a la
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tarfile
@@ -252,3 +253,19 @@ def test_extra_ranges_take_numbers_only():
             rec(3, {"n": 2, "z": 8, "only": 0.5})]
     assert extra_ranges(recs) == {"n": [2, 4], "only": [0.5, 0.5], "z": [-1.0, 8]}
     assert extra_ranges([rec(0, {"pipal_type": "00_00"})]) == {}
+
+
+def test_verify_counts_the_left_out_entries_as_part_of_a_complete_set(live_both, tmp_path, monkeypatch):
+    """A realigned LIVE pack holds fewer images than the catalog's count by the entries left
+    out on purpose: ``shards verify`` counts them, and warns only for images really missing."""
+    from liqe_dist.data import catalog
+    from liqe_dist.data.verify import verify_shards
+
+    out = tmp_path / "shards" / "live"
+    pack_records(read_dataset("live", live_both, options={"dmos": "realigned"}), out, "live", {"format": "live"},
+                 PackConfig(workers=1), progress=False)  # 3 packed, 2 left out
+    real = catalog.load_catalog()
+    for images, warned in ((5, False), (6, True)):
+        entry = dataclasses.replace(real["live"], images=images)
+        monkeypatch.setattr(catalog, "load_catalog", lambda entry=entry: {**real, "live": entry})
+        assert bool(verify_shards(out, progress=False).warnings) is warned, images

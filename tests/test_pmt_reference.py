@@ -132,11 +132,19 @@ def test_raw_targets_and_public_classes_in_the_losses():
         assert torch.allclose(model.predict(x).quality, 1 + 4 * (q.mean(1) / 5.0), atol=1e-6)
 
 
-def test_weights_record_the_targets(tmp_path):
-    model = PMTIQA(PMTIQAConfig(width=8, recipe="reference", class_datasets=("clive",), target_range=(3.0, 92.0)))
+def test_weights_record_the_targets_and_the_training_resize(tmp_path, shards):
+    from liqe_dist.eval.scoring import default_crops
+
+    _, sets = shards
+    cfg = PMTIQAConfig(width=8, recipe="reference").bind_data(
+        [DatasetSpec("bid", str(sets["bid"]), resize=[512, 512])])
+    assert (cfg.target_range, cfg.input_resize) == ((0.0, 5.0), (512, 512))
+    model = PMTIQA(replace(cfg, target_range=(3.0, 92.0)))
     save_weights(model, tmp_path / "w.safetensors")
     back = load_weights(tmp_path / "w.safetensors")
     assert (back.cfg.target_scale, back.cfg.target_range) == ("raw", (3.0, 92.0))
+    assert default_crops(back).resize_to == (512, 512)  # scored at the size it trained on
+    assert default_crops(PMTIQA(PMTIQAConfig(width=8))).resize_to is None
     x = torch.randint(0, 256, (2, 1, 3, 224, 224), dtype=torch.uint8)
     model.eval(), back.eval()
     with torch.no_grad():
