@@ -395,7 +395,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from liqe_dist.eval.scoring import default_crops, describe_run
     from liqe_dist.eval.shard_eval import TABLE_HEADER, claim_eval_dir, evaluate_shards, table_row, write_results
     from liqe_dist.hardware import precision_name, resolve_device, resolve_precision
-    from liqe_dist.models.registry import build_model, load_model
+    from liqe_dist.models.registry import build_model, get_family, load_model
     from liqe_dist.provenance import config_text, write_config, write_run_record
     from liqe_dist.train.config import TrainConfig, resolved_config
 
@@ -403,6 +403,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     precision = args.precision and resolve_precision(args.precision, str(device))
     if args.config:
         cfg = load_yaml(TrainConfig, args.config, parse_overrides(args.set))
+        if args.precision == "auto" and not get_family(cfg.model.family).model.auto_bf16:
+            precision = "fp32"  # as load_model: this family scores in fp32 under auto
         changes = {k: v for k, v in (("checkpoint", args.checkpoint), ("pretrained", args.pretrained),
                                     ("precision", precision), ("name", args.model)) if v is not None}
         try:
@@ -415,8 +417,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return 0
         torch.manual_seed(cfg.seed)  # the initial weights training with this config would start from
         model, label, crops = build_model(model_cfg), model_cfg.label, cfg.crops
-        if args.precision == "auto" and not model.auto_bf16:  # as load_model: this family scores in fp32
-            model = model.float()
         shards = args.shards or [d.shards for d in cfg.datasets]
         sets = args.shards or cfg.datasets  # a config's datasets bring their resize and label
         split = cfg.split if args.split is None else args.split

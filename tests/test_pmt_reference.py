@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from conftest import jpeg_bytes, photo
 from dist_workers import optimizer_reset_rank, train_configs_rank
-from liqe_dist.config import ConfigError, from_dict, to_dict
+from liqe_dist.config import ConfigError, from_dict, load_yaml, to_dict
 from liqe_dist.data.packing import PackConfig, pack_records, read_manifest
 from liqe_dist.data.records import Record
 from liqe_dist.data.stream import DatasetSpec
@@ -84,6 +84,20 @@ def test_public_class_rules_on_the_bin_edges():
     assert mixed.tolist() == [0, 9]
 
 
+def test_collated_labels_reach_the_rules_with_their_own_digits():
+    """From CropSamples through collate to the loss targets: CSIQ's 1 - DMOS in float64, so DMOS
+    0.05 is class 0 and 0.15 class 2 as in the public code (float32 MOS would give 1 and 1)."""
+    from liqe_dist.data.stream import CropSample, collate
+    from liqe_dist.models.pmt_iqa.objective import targets
+
+    pixels = torch.zeros(1, 3, 224, 224, dtype=torch.uint8)
+    samples = [CropSample(f"k{i}", "csiq", pixels, 1 - d, (), None) for i, d in enumerate((0.05, 0.15, 0.96875))]
+    batch = collate(samples, [0, 0, 0], mos_ranges=[(0.0, 1.0)])
+    cfg = PMTIQAConfig(width=8, recipe="reference", class_datasets=("csiq",), target_range=(0.0, 1.0))
+    target, labels = targets(cfg, batch)
+    assert labels.tolist() == [0, 2, 9] and target.tolist() == pytest.approx([0.95, 0.85, 0.03125])
+
+
 def test_recipe_sets_each_knob_and_a_knob_overrides_it():
     paper, ref = PMTIQAConfig(), PMTIQAConfig(recipe="reference")
     assert (paper.target_scale, paper.class_rule) == ("unit", "unit_bins")
@@ -132,19 +146,11 @@ def test_raw_targets_and_public_classes_in_the_losses():
         assert torch.allclose(model.predict(x).quality, 1 + 4 * (q.mean(1) / 5.0), atol=1e-6)
 
 
-def test_weights_record_the_targets_and_the_training_resize(tmp_path, shards):
-    from liqe_dist.eval.scoring import default_crops
-
-    _, sets = shards
-    cfg = PMTIQAConfig(width=8, recipe="reference").bind_data(
-        [DatasetSpec("bid", str(sets["bid"]), resize=[512, 512])])
-    assert (cfg.target_range, cfg.input_resize) == ((0.0, 5.0), (512, 512))
-    model = PMTIQA(replace(cfg, target_range=(3.0, 92.0)))
+def test_weights_record_the_targets(tmp_path):
+    model = PMTIQA(PMTIQAConfig(width=8, recipe="reference", class_datasets=("clive",), target_range=(3.0, 92.0)))
     save_weights(model, tmp_path / "w.safetensors")
     back = load_weights(tmp_path / "w.safetensors")
     assert (back.cfg.target_scale, back.cfg.target_range) == ("raw", (3.0, 92.0))
-    assert default_crops(back).resize_to == (512, 512)  # scored at the size it trained on
-    assert default_crops(PMTIQA(PMTIQAConfig(width=8))).resize_to is None
     x = torch.randint(0, 256, (2, 1, 3, 224, 224), dtype=torch.uint8)
     model.eval(), back.eval()
     with torch.no_grad():
@@ -235,6 +241,13 @@ def test_reference_config_resolves_knob_by_knob(shards, monkeypatch):
     assert (cfg.train_parts, cfg.eval_parts, cfg.selection) == (("train", "val"), ("test",), "test")
     counts = read_manifest(root / "shards" / "bid")["splits"]["counts"][0]
     assert cfg.steps_per_epoch == -(-(counts["train"] + counts["val"]) // 12)
+    paper = load_yaml(TrainConfig, CONFIGS / "pmt_iqa_paper.yaml",
+                      {"model.pretrained": None, "model.width": 8,
+                       "datasets": [{"name": n, "shards": f"shards/{n}", "batch_size": 3} for n in SCALES]})
+    assert (paper.model.recipe, paper.model.target_scale, paper.model.class_rule) == ("paper", "unit", "unit_bins")
+    assert (paper.optim.lr, paper.steps_per_epoch, paper.weighting.method, len(paper.datasets)) == \
+        (1e-4, 500, "progressive", 5)
+    assert (paper.optim.step_delay_epochs, paper.optim.reset_each_epoch, paper.selection_part) == (0, False, "val")
     data["optim"]["reset_each_epoch"] = False  # one knob alone
     assert from_dict(TrainConfig, data).optim.reset_each_epoch is False
     with pytest.raises((ConfigError, ValueError), match="class_rule"):
@@ -302,6 +315,15 @@ def test_resume_reads_an_older_record_with_the_new_keys_at_their_defaults(shards
     assert resume_changes(old, resolved_config(cfg)) == []
     assert resume_changes(old, resolved_config(replace(cfg, selection="test", eval_parts=("test",)))) == \
         ["eval_parts: ['val', 'test'] -> ['test']", "selection: None -> 'test'"]
+    # facts of the data compare as recorded: a set repacked with other labels or sizes shows
+    ref = TrainConfig(datasets=[DatasetSpec("bid", str(sets["bid"]), batch_size=2)], epoch_length="pass",
+                      model=PMTIQAConfig(width=8, recipe="reference"))
+    recorded = resolved_config(ref)
+    recorded["model"]["target_range"], recorded["steps_per_epoch"] = [1.0, 4.0], 100
+    del recorded["datasets"][0]["label"]  # and a key missing inside a list item is filled
+    assert resume_changes(recorded, resolved_config(ref)) == [
+        "model.target_range[0]: 1.0 -> 0.0", "model.target_range[1]: 4.0 -> 5.0",
+        f"steps_per_epoch: 100 -> {ref.steps_per_epoch}"]
 
 
 def test_report_prints_the_published_figures_and_the_selection(tmp_path):

@@ -28,12 +28,14 @@ def load_catalog() -> dict[str, CatalogEntry]:
     return {name: CatalogEntry(name=name, **fields) for name, fields in data.items()}
 
 
-def count_warning(dataset: str, samples: int) -> str | None:
-    """A warning when ``dataset`` is in the catalog and ``samples`` differs from its count."""
+def count_warning(dataset: str, samples: int, left_out: int = 0) -> str | None:
+    """A warning when ``dataset`` is in the catalog and ``samples`` plus the entries its adapter
+    left out on purpose (``left_out``: LIVE's negative realigned DMOS) differ from its count."""
     entry = load_catalog().get(dataset)
-    if entry is None or entry.images == samples:
+    if entry is None or entry.images == samples + left_out:
         return None
-    return (f"{dataset}: {samples} images packed, a complete {entry.title} has {entry.images} "
+    left = f" and {left_out} left out" if left_out else ""
+    return (f"{dataset}: {samples} images packed{left}, a complete {entry.title} has {entry.images} "
             f"(see rejects.tsv, or the dataset's files are incomplete)")
 
 

@@ -86,7 +86,7 @@ def verify_shards(shard_dir: str | Path, decode: bool = True, progress: bool = T
     if report.samples != manifest["samples"]:
         report.problems.append(f"{shard_dir}: {report.samples} samples in shards, manifest says {manifest['samples']}")
     # entries the adapter left out on purpose (LIVE's negative realigned DMOS) belong to a complete set
-    warning = count_warning(manifest["dataset"], manifest["samples"] + int(manifest.get("left_out") or 0))
+    warning = count_warning(manifest["dataset"], manifest["samples"], int(manifest.get("left_out") or 0))
     if warning:
         report.warnings.append(warning)
     return report

@@ -109,10 +109,8 @@ def _collate(batch):
 
 
 def default_crops(model: IQAModel, **changes) -> CropConfig:
-    """The crops a family is scored with: its crop size and count (LIQE 15, PMT-IQA 4), and the
-    resize the model was trained with, if any."""
-    return CropConfig(**{"size": model.crop_size, "eval_crops": model.eval_crops, "resize_to": model.input_resize,
-                         **changes})
+    """The crops a family is scored with: its crop size and count (LIQE 15, PMT-IQA 4)."""
+    return CropConfig(**{"size": model.crop_size, "eval_crops": model.eval_crops, **changes})
 
 
 def default_batch_images(device: torch.device) -> int:

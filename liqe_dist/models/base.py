@@ -72,12 +72,6 @@ class IQAModel(nn.Module):
         return 224
 
     @property
-    def input_resize(self) -> tuple[int, int] | None:
-        """(width, height) every image is resized to before cropping, when the model was trained
-        so (PMT-IQA's reference BID and KonIQ runs); None: the crop rules' own resizing."""
-        return None
-
-    @property
     def tasks(self) -> tuple[str, ...]:
         """Names of the loss terms :meth:`training_losses` returns (the weighting's tasks)."""
         raise NotImplementedError

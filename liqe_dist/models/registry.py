@@ -32,13 +32,16 @@ class FamilySpec:
 
     ``build(cfg)``: a new model from its config section (weights from ``cfg.checkpoint`` or
     ``cfg.pretrained`` when given). ``from_weights(state, meta, path, **options)``: the model a
-    weight file holds (see :func:`liqe_dist.models.weights.load_weights`).
+    weight file holds (see :func:`liqe_dist.models.weights.load_weights`). ``model``: its
+    :class:`~liqe_dist.models.base.IQAModel` class (what a family decides before a model exists,
+    e.g. ``auto_bf16``).
     """
 
     name: str
     config: type
     build: Callable
     from_weights: Callable
+    model: type
 
 
 def get_family(name: str, where: str = "model.family") -> FamilySpec:

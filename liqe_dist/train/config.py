@@ -220,14 +220,26 @@ def resolved_config(cfg: TrainConfig) -> dict:
     return out
 
 
+def with_missing_keys(recorded, defaults):
+    """``recorded`` with the keys it lacks taken from ``defaults`` (mappings and lists of equal
+    length walked item by item); a recorded value always wins."""
+    if isinstance(recorded, dict) and isinstance(defaults, dict):
+        return {**{k: v for k, v in defaults.items() if k not in recorded},
+                **{k: with_missing_keys(v, defaults.get(k)) for k, v in recorded.items()}}
+    if isinstance(recorded, list) and isinstance(defaults, list) and len(recorded) == len(defaults):
+        return [with_missing_keys(r, d) for r, d in zip(recorded, defaults)]
+    return recorded
+
+
 def resume_changes(old: dict, new: dict) -> list[str]:
     """The changes from the recorded config ``old`` to ``new`` that a resumed run refuses
     (``dotted.key: old -> new``); empty when it may go on. A key the record lacks (written by a
-    version before the key existed) counts as its default: the record is read back as a config."""
+    version before the key existed) counts as its default; every recorded value is compared as
+    recorded (facts derived from the data, such as a pass's steps, included: a repacked set shows)."""
     from liqe_dist.config import ConfigError, from_dict
 
     try:
-        old = resolved_config(from_dict(TrainConfig, old))
+        old = with_missing_keys(old, resolved_config(from_dict(TrainConfig, old)))
     except (ConfigError, ValueError, TypeError, KeyError, OSError):
         pass  # a record this version cannot read (a removed key): compared as it is
     changes = [c for c in describe_changes(old, new) if c.split(":", 1)[0] not in RESUME_SAFE_KEYS]

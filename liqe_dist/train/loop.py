@@ -189,7 +189,8 @@ def train_worker(cfg: TrainConfig, report: Reporter | None = None, launch: dict 
     metrics: dict = {}
 
     def fresh_model() -> IQAModel:  # the model as built, for a float32 evaluation copy
-        return build_model(dataclasses.replace(cfg.model, pretrained=None, checkpoint=None, precision="fp32"))
+        with torch.random.fork_rng():  # its random initialisation must not move the run's random state
+            return build_model(dataclasses.replace(cfg.model, pretrained=None, checkpoint=None, precision="fp32"))
 
     def evaluate(step: int) -> None:
         """val/test criteria into ``metrics`` and the logs; a new best (by mean val SRCC) is saved."""

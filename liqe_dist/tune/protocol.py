@@ -64,8 +64,9 @@ class ProtocolConfig:
 
     @property
     def selection(self) -> str:
-        """The part each trial's best step is chosen on (``train.selection``: val, or test)."""
-        return self.train.get("selection") or "val"
+        """The part whose mean SRCC each trial reports as its metric: ``train.selection``, else
+        val when the trials evaluate it, else test (see :func:`selection_rule` for the step)."""
+        return self.train.get("selection") or ("val" if "val" in self.train.get("eval_parts", ["val"]) else "test")
 
     def search(self) -> SearchConfig:
         """The search that runs the protocol: a grid over splits (x variants), every trial to the end."""
@@ -169,6 +170,14 @@ def summarise(values: dict[int, float]) -> dict[str, Any]:
             "values": ";".join(f"{s}:{values[s]:.4f}" for s in sorted(values))}
 
 
+def selection_rule(train: dict) -> str:
+    """How a trial's reported step was chosen, in words, from its training keys (as
+    :class:`~liqe_dist.train.config.TrainConfig` does: ``selection``, else val when evaluated,
+    else the latest evaluated step)."""
+    part = train.get("selection") or ("val" if "val" in train.get("eval_parts", ["val"]) else None)
+    return f"the best {part} step" if part else "the last evaluated step"
+
+
 def write_report(experiment_dir: str | Path) -> Path:
     """``report.csv`` (variant, dataset, criterion, median, mean, std, splits, per-split values)
     and ``report.md`` (Table 2 layout: datasets as columns, SRCC / PLCC medians; variants as
@@ -198,11 +207,11 @@ def write_report(experiment_dir: str | Path) -> Path:
 
     protocol_file = exp / PROTOCOL_FILE
     protocol = json.loads(protocol_file.read_text()) if protocol_file.exists() else {}
-    selection = protocol.get("train", {}).get("selection") or "val"
+    selection = selection_rule(protocol.get("train", {}))
     published = protocol.get("published") or {}
     n = max((r["splits"] for r in rows), default=0)
-    md = [f"# {exp.name}: median SRCC / PLCC over {n} split(s) (test part, at the best {selection} step)", ""]
-    if selection == "test":
+    md = [f"# {exp.name}: median SRCC / PLCC over {n} split(s) (test part, at {selection})", ""]
+    if selection == "the best test step":
         md += ["Each split's figure is its best test-part step (as the PMT-IQA public code reports): the test part "
                "picked the step it reports, so these figures are optimistic against val selection.", ""]
     md += table(within)

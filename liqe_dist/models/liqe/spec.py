@@ -25,4 +25,4 @@ def build(cfg: LIQEConfig) -> LIQE:
     return model.to(PRECISIONS[cfg.precision])
 
 
-SPEC = FamilySpec(name="liqe", config=LIQEConfig, build=build, from_weights=from_weights)
+SPEC = FamilySpec(name="liqe", config=LIQEConfig, build=build, from_weights=from_weights, model=LIQE)

@@ -65,7 +65,6 @@ class PMTIQAConfig:
     # Filled from the training data (:meth:`bind_data`), recorded with the run and the weights:
     target_range: tuple[float, float] | None = None   # raw: the label's (min, max), for predict's 1-5 map
     class_datasets: tuple[str, ...] | None = None     # per_dataset: each dataset id's packed dataset name
-    input_resize: tuple[int, int] | None = None       # one-dataset runs: its datasets[].resize, which scoring applies
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -87,10 +86,6 @@ class PMTIQAConfig:
             object.__setattr__(self, "target_range", (lo, hi))
         if self.class_datasets is not None:
             object.__setattr__(self, "class_datasets", tuple(self.class_datasets))
-        if self.input_resize is not None:
-            from liqe_dist.data.crops import check_size
-
-            object.__setattr__(self, "input_resize", check_size(self.input_resize, "model.input_resize", self.crop_size))
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"model.precision must be one of ['fp32', 'bf16'], got {self.precision!r}")
         if self.backbone not in ("resnet50", "resnet18"):

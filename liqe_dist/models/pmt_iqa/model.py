@@ -40,7 +40,7 @@ POOL = 7                          # its AvgPool2d(7, stride=7)
 #: Architecture fields of :class:`PMTIQAConfig` a weight file records (the rest are training options).
 ARCHITECTURE = ("backbone", "width", "crop_size", "stage_features", "feature_size", "trunk_sizes", "classes")
 #: What a weight file records of the training targets (how :meth:`PMTIQA.predict` reads its output).
-TARGETS = ("target_scale", "target_range", "input_resize")
+TARGETS = ("target_scale", "target_range")
 
 
 def stage_sides(crop: int) -> tuple[int, int, int, int]:
@@ -139,10 +139,6 @@ class PMTIQA(IQAModel):
     @property
     def crop_size(self) -> int:
         return self.cfg.crop_size
-
-    @property
-    def input_resize(self) -> tuple[int, int] | None:
-        return self.cfg.input_resize
 
     def features(self, crops: torch.Tensor) -> torch.Tensor:
         """Crops ``[N, 3, S, S]`` -> multi-scale features ``[N, feature_size]``. uint8 crops (what

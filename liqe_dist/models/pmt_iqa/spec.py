@@ -39,4 +39,4 @@ def build(cfg: PMTIQAConfig) -> PMTIQA:
     return model.to(PRECISIONS[cfg.precision])
 
 
-SPEC = FamilySpec(name="pmt_iqa", config=PMTIQAConfig, build=build, from_weights=from_weights)
+SPEC = FamilySpec(name="pmt_iqa", config=PMTIQAConfig, build=build, from_weights=from_weights, model=PMTIQA)

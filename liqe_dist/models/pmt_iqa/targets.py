@@ -111,20 +111,17 @@ def dataset_facts(d: "DatasetSpec") -> tuple[str, tuple[float, float], dict]:
 
 
 def bind_targets(cfg: "PMTIQAConfig", datasets: "list[DatasetSpec]") -> "PMTIQAConfig":
-    """``cfg`` with ``target_range`` (raw targets), ``class_datasets`` (per-dataset classes) and
-    ``input_resize`` (a one-dataset run's resize) from the training data, always recomputed (facts of the data: a config given
+    """``cfg`` with ``target_range`` (raw targets) and ``class_datasets`` (per-dataset classes)
+    from the training data's manifests, always recomputed (facts of the data: a config given
     other datasets gets their facts); ``cfg`` itself when neither is needed."""
-    # a model trained on one dataset's resized images is scored at that size (weights record it)
-    resize = datasets[0].resize if len(datasets) == 1 else None
     if cfg.target_scale == "unit" and cfg.class_rule == "unit_bins":
-        return cfg if cfg.input_resize == resize else replace(cfg, input_resize=resize)
+        return cfg
     if cfg.target_scale == "raw" and len(datasets) != 1:
         raise ValueError(f"model.target_scale raw regresses one dataset's own labels a run (the public code's "
                          f"regime); datasets lists {len(datasets)}: train one per run (launch/configs/"
                          "protocol_pmt_iqa.yaml does) or set model.target_scale: unit")
     facts = [dataset_facts(d) for d in datasets]
-    changes: dict = {"target_range": facts[0][1] if cfg.target_scale == "raw" else None, "class_datasets": None,
-                     "input_resize": resize}
+    changes: dict = {"target_range": facts[0][1] if cfg.target_scale == "raw" else None, "class_datasets": None}
     if cfg.class_rule == "per_dataset":
         for d, (name, _, source) in zip(datasets, facts):
             labels = source.get("labels")

@@ -48,9 +48,8 @@ def targets(meta: dict[str, str], path) -> dict:
         return {}
     try:
         out = json.loads(meta["targets"])
-        if not isinstance(out, dict) or set(out) - set(TARGETS) or "target_scale" not in out:
-            raise ValueError(f"expected target_scale and some of the keys {list(TARGETS)}")
-        out = {"target_range": None, "input_resize": None, **out}
+        if not isinstance(out, dict) or set(out) != set(TARGETS):
+            raise ValueError(f"expected the keys {list(TARGETS)}")
         if out["target_scale"] not in ("unit", "raw"):
             raise ValueError(f"target_scale = {out['target_scale']!r}")
         r = out["target_range"]
@@ -58,12 +57,6 @@ def targets(meta: dict[str, str], path) -> dict:
                                   and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r)):
             raise ValueError(f"target_range = {r!r} is not [min, max]")
         out["target_range"] = None if r is None else tuple(float(v) for v in r)
-        size = out["input_resize"]
-        if size is not None and not (isinstance(size, list) and len(size) == 2
-                                     and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65536
-                                             for v in size)):
-            raise ValueError(f"input_resize = {size!r} is not [width, height]")
-        out["input_resize"] = None if size is None else tuple(size)
         PMTIQAConfig(**out)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: malformed PMT-IQA targets metadata ({type(exc).__name__}: {exc})") from None
