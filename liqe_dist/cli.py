@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -456,7 +457,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from liqe_dist import __version__
+
     parser = argparse.ArgumentParser(prog="liqe-dist", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"liqe-dist {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -708,6 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # Ctrl+C; a search stopped by it says what is left (SearchInterrupted)
         log.error("interrupted%s", f": {exc}" if str(exc) else "")
         return 130
+    except BrokenPipeError:  # the reader left (`liqe-dist score DIR | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 0
     except (ConfigError, CheckpointError, ImageDecodeError, OSError, ValueError) as exc:
         if args.debug:
             raise

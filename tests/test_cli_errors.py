@@ -149,3 +149,25 @@ def test_check_validates_without_training(tmp_path, caplog):
     assert main(["train", "--check", "--config", str(cfg)]) == 0
     assert f"{cfg}: valid" in caplog.text
     assert not (tmp_path / "runs").exists()
+
+
+def test_version_prints_the_package_version(capsys):
+    from liqe_dist import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"liqe-dist {__version__}"
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """``liqe-dist shards catalog | head -0``: the reader is gone before the command writes; it
+    exits 0 without a traceback or a "Broken pipe" line, as Unix tools do."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-m", "liqe_dist.cli", "shards", "catalog"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # before the child has imported anything, let alone written
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "Broken pipe" not in err and "Exception ignored" not in err, err
