@@ -323,7 +323,7 @@ def seam_invariance_rank(rank: int, world: int, port: int, workdir: str, family:
 def optimizer_reset_rank(rank: int, world: int, port: int, out: str, stage: int) -> None:
     """Two Adam steps, a reset, a third step; and a fresh engine started from the weights after
     two steps taking that third step: rank 0 saves both models' parameters after it."""
-    from liqe_dist.dist.engine import OptimConfig, build_engine, reset_optimizer_state
+    from liqe_dist.dist.engine import OptimConfig, build_engine, reset_optimizer_state, torch_optimizer
 
     init_rank(rank, world, port)
     torch.manual_seed(0)
@@ -342,7 +342,7 @@ def optimizer_reset_rank(rank: int, world: int, port: int, out: str, stage: int)
     step(a)
     after_two = {k: v.detach().clone() for k, v in a.module.state_dict().items()}
     reset_optimizer_state(a.optimizer)
-    empty = not any(len(s) for s in _inner(a.optimizer).state.values())
+    empty = not any(len(s) for s in torch_optimizer(a.optimizer).state.values())
     step(a)
     fresh_module = nn.Linear(5, 1)
     fresh_module.load_state_dict(after_two)
@@ -357,12 +357,6 @@ def optimizer_reset_rank(rank: int, world: int, port: int, out: str, stage: int)
                     "kept": dict(c.module.state_dict()), "after_two": after_two, "empty": empty}, Path(out))
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _inner(optimizer):
-    while not isinstance(optimizer, torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 def pmt_bf16_evaluation_rank(rank: int, world: int, port: int, workdir: str) -> None:

@@ -140,16 +140,21 @@ class _DelayedSteps:
         return step_factor(step // self.steps_per_epoch, self.step_epochs, self.gamma, self.delay)
 
 
-def reset_optimizer_state(optimizer) -> None:
-    """Forget the optimiser's state (Adam: moments and step count) as if it were new; the
-    parameters, lr and param groups stay. ``optimizer``: torch's, or DeepSpeed's wrapper of it
-    (ZeRO, bf16), whose torch optimiser re-creates the state lazily at its next step."""
+def torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimiser inside ``optimizer`` (itself, or DeepSpeed's ZeRO / bf16 wrapper's)."""
     inner = optimizer
     while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
         inner = inner.optimizer
     if not isinstance(inner, torch.optim.Optimizer):
-        raise TypeError(f"{type(optimizer).__name__} wraps no torch optimiser to reset")
-    inner.state.clear()
+        raise TypeError(f"{type(optimizer).__name__} wraps no torch optimiser")
+    return inner
+
+
+def reset_optimizer_state(optimizer) -> None:
+    """Forget the optimiser's state (Adam: moments and step count) as if it were new; the
+    parameters, lr and param groups stay. ``optimizer``: torch's, or DeepSpeed's wrapper of it
+    (ZeRO, bf16), whose torch optimiser re-creates the state lazily at its next step."""
+    torch_optimizer(optimizer).state.clear()
 
 
 class _CosineCycles:
